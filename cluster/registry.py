@@ -1,0 +1,167 @@
+"""The model registry: a thin layer over MLflow's client for LoRA adapter versions.
+
+Default store: SQLite and local artifacts under the state dir; a tracking URI in the config
+points at a real MLflow server instead. A version is registered all-or-nothing (if any step
+after its creation fails, it is deleted again), old versions are never removed, and the
+`production` alias keeps a history so `rollback` can move it back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from cluster.config import RegistrySettings
+from cluster.state import StateDir
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+HISTORY_TAG = "fedforge.production_history"
+ARTIFACT_PATH_TAG = "fedforge.artifact_path"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done as asked. The message is for users."""
+
+
+class Registry:
+    def __init__(self, tracking_uri: str, artifact_root: Path | None = None):
+        self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @classmethod
+    def from_settings(cls, settings: RegistrySettings, state: StateDir) -> Registry:
+        if settings.tracking_uri:
+            return cls(settings.tracking_uri)
+        return cls(state.default_tracking_uri(), state.mlflow_artifacts)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def _experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment:
+            return experiment.experiment_id
+        # An explicit location keeps artifacts in the state dir; otherwise MLflow writes them to
+        # ./mlruns of the job's temporary working directory, which Ray deletes afterwards.
+        location = self.artifact_root.as_uri() if self.artifact_root else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    @contextmanager
+    def run(self, experiment: str, run_name: str, params: dict[str, str]) -> Iterator[str]:
+        """An MLflow run that ends FINISHED, or FAILED when the body raises."""
+        run = self.client.create_run(self._experiment_id(experiment), run_name=run_name)
+        run_id = run.info.run_id
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        try:
+            yield run_id
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()]
+        )
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def register_adapter(
+        self, name: str, adapter_dir: Path, run_id: str, tags: dict[str, str],
+        alias: str | None = CANDIDATE,
+    ) -> ModelVersion:
+        """Upload `adapter_dir` to the run and register it as a new version of `name`."""
+        artifact_path = f"adapter-{uuid.uuid4().hex[:12]}"
+        # Artifacts first: a failure here leaves an orphan upload in the run, never a version.
+        self.client.log_artifacts(run_id, str(adapter_dir), artifact_path)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description="fedforge LoRA adapters")
+        version = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={**tags, ARTIFACT_PATH_TAG: artifact_path}
+        )
+        try:
+            if alias:
+                self.client.set_registered_model_alias(name, alias, version.version)
+        except BaseException:
+            log.error("registering %s v%s failed; removing the partial version", name,
+                      version.version)
+            self.client.delete_model_version(name, version.version)
+            raise
+        return self.client.get_model_version(name, version.version)
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        found = self.client.search_model_versions(f"name = '{name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def model_names(self) -> list[str]:
+        return sorted(m.name for m in self.client.search_registered_models())
+
+    def aliases(self, name: str) -> dict[str, str]:
+        return dict(self.client.get_registered_model(name).aliases)
+
+    def get(self, name: str, ref: str | int) -> ModelVersion:
+        """A version by number (`3`) or by alias (`production`)."""
+        try:
+            if str(ref).isdigit():
+                return self.client.get_model_version(name, str(ref))
+            return self.client.get_model_version_by_alias(name, str(ref))
+        except MlflowException:
+            raise RegistryError(f"no version '{ref}' of model '{name}'") from None
+
+    def download(self, name: str, ref: str | int, dst: Path) -> Path:
+        """Download a version's adapter directory into `dst` and return its path."""
+        from mlflow.artifacts import download_artifacts
+
+        version = self.get(name, ref)
+        dst.mkdir(parents=True, exist_ok=True)
+        local = download_artifacts(
+            run_id=version.run_id, artifact_path=version.tags[ARTIFACT_PATH_TAG],
+            dst_path=str(dst), tracking_uri=self.tracking_uri,
+        )
+        return Path(local)
+
+    # -- aliases ------------------------------------------------------------------------------
+
+    def _history(self, name: str) -> list[str]:
+        return json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+    def _move_production(self, name: str, history: list[str]) -> None:
+        previous = self._history(name)
+        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        try:
+            self.client.set_registered_model_alias(name, PRODUCTION, history[-1])
+        except BaseException:
+            self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(previous))
+            raise
+
+    def promote(self, name: str, ref: str | int) -> ModelVersion:
+        """Point `production` at a version (number or alias, e.g. `candidate`)."""
+        version = self.get(name, ref)
+        history = self._history(name)
+        if history and history[-1] == version.version:
+            return version
+        self._move_production(name, [*history, version.version])
+        return version
+
+    def rollback(self, name: str) -> ModelVersion:
+        """Move `production` back to the version it pointed at before the last promote."""
+        history = self._history(name)
+        if len(history) < 2:
+            raise RegistryError(f"'{name}' has no earlier production version to roll back to")
+        self._move_production(name, history[:-1])
+        return self.get(name, history[-2])

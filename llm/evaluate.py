@@ -1,0 +1,88 @@
+"""Held-out evaluation: loss, perplexity and exact-match accuracy of generated answers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llm.data import Example, collate, encode_example, render_prompt
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    perplexity: float
+    accuracy: float
+    examples: int
+
+    def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        return {
+            f"{prefix}_loss": self.loss,
+            f"{prefix}_perplexity": self.perplexity,
+            f"{prefix}_accuracy": self.accuracy,
+        }
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int,
+                    system_prompt: str | None = None) -> float:
+    """Mean loss per answer token (the same masking as training)."""
+    total, tokens = 0.0, 0
+    encoded = [encode_example(tokenizer, e, max_length, system_prompt) for e in examples]
+    for batch in _batches(encoded, batch_size):
+        inputs = collate(batch, tokenizer.pad_token_id)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        labels = inputs["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum",
+            ignore_index=-100,
+        )
+        total += losses.item()
+        tokens += int((labels != -100).sum())
+    return total / max(tokens, 1)
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().split()).lower()
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int,
+                     batch_size: int, system_prompt: str | None = None) -> list[str]:
+    """Greedy answers, batched with left padding (decoder-only models continue on the right)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for batch in _batches(examples, batch_size):
+            prompts = [render_prompt(tokenizer, e, system_prompt) for e in batch]
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, inputs["input_ids"].shape[1] :]
+            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def evaluate(model, tokenizer, examples: list[Example], *, max_length: int, max_new_tokens: int,
+             batch_size: int, system_prompt: str | None = None) -> EvalResult:
+    model.eval()
+    loss = validation_loss(model, tokenizer, examples, max_length, batch_size, system_prompt)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size,
+                               system_prompt)
+    hits = sum(normalize_answer(a) == normalize_answer(e.answer) for a, e in zip(answers, examples))
+    return EvalResult(
+        loss=loss, perplexity=math.exp(min(loss, 50.0)), accuracy=hits / len(examples),
+        examples=len(examples),
+    )
