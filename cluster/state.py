@@ -13,6 +13,7 @@ from pathlib import Path
 
 ENV_VAR = "FEDFORGE_STATE_DIR"
 DEMO_MODEL_DIRNAME = "smollm2-135m-instruct"
+TINY_MODEL_DIRNAME = "tiny-llama"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class StateDir:
     @property
     def demo_model(self) -> Path:
         return self.models / DEMO_MODEL_DIRNAME
+
+    @property
+    def tiny_model(self) -> Path:
+        return self.models / TINY_MODEL_DIRNAME
 
     @property
     def ray_storage(self) -> Path:

@@ -57,7 +57,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{path}:{line_no}: not valid JSON: {exc.msg}") from None
         return rows
-    raise DatasetError(f"{path}: unsupported dataset format (use .jsonl, .parquet or a datasets dir)")
+    raise DatasetError(
+        f"{path}: unsupported dataset format (use .jsonl, .parquet or a datasets dir)"
+    )
 
 
 def _to_example(row: dict[str, Any], where: str) -> Example:
@@ -148,7 +150,9 @@ def encode_example(
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     answer_ids = answer_ids[:max_length]
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(answer_ids) - max_length) :]  # keep the end
+    prompt_ids = prompt_ids[
+        max(0, len(prompt_ids) + len(answer_ids) - max_length) :
+    ]  # keep the end
     return {
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,

@@ -91,11 +91,50 @@ def provision(state: StateDir) -> Path:
     return target
 
 
+def provision_tiny(state: StateDir) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with the demo tokenizer, for fast tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = state.tiny_model
+    if (target / MARKER).is_file():
+        return target
+    tokenizer = load_tokenizer(str(provision(state)))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # Fork the RNG: seeding globally here would make later DP noise predictable.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    with tempfile.TemporaryDirectory(dir=state.models, prefix=".tiny-") as tmp:
+        staged = Path(tmp) / "model"
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / MARKER).write_text("random weights\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", default=None, help="state directory (default .fedforge)")
+    parser.add_argument("--tiny", action="store_true", help="also build the tiny test model")
     args = parser.parse_args()
-    provision(StateDir.resolve(args.state_dir))
+    state = StateDir.resolve(args.state_dir)
+    provision(state)
+    if args.tiny:
+        print(f"tiny test model ready at {provision_tiny(state)}")
 
 
 if __name__ == "__main__":

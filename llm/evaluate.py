@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from llm.data import Example, collate, encode_example, render_prompt
+from cluster.config import FinetuneConfig
+from llm.data import Example, collate, encode_example, load_examples, render_prompt, split_examples
+from llm.lora import load_adapter
+from llm.model import load_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -31,17 +35,27 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int,
-                    system_prompt: str | None = None) -> float:
+def validation_loss(
+    model,
+    tokenizer,
+    examples: list[Example],
+    max_length: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+) -> float:
     """Mean loss per answer token (the same masking as training)."""
     total, tokens = 0.0, 0
     encoded = [encode_example(tokenizer, e, max_length, system_prompt) for e in examples]
     for batch in _batches(encoded, batch_size):
         inputs = collate(batch, tokenizer.pad_token_id)
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
         labels = inputs["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum",
+            logits[:, :-1].flatten(0, 1).float(),
+            labels.flatten(),
+            reduction="sum",
             ignore_index=-100,
         )
         total += losses.item()
@@ -54,8 +68,14 @@ def normalize_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int,
-                     batch_size: int, system_prompt: str | None = None) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+) -> list[str]:
     """Greedy answers, batched with left padding (decoder-only models continue on the right)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -65,7 +85,9 @@ def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: 
             prompts = [render_prompt(tokenizer, e, system_prompt) for e in batch]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = out[:, inputs["input_ids"].shape[1] :]
@@ -75,14 +97,47 @@ def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: 
     return answers
 
 
-def evaluate(model, tokenizer, examples: list[Example], *, max_length: int, max_new_tokens: int,
-             batch_size: int, system_prompt: str | None = None) -> EvalResult:
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+) -> EvalResult:
     model.eval()
     loss = validation_loss(model, tokenizer, examples, max_length, batch_size, system_prompt)
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size,
-                               system_prompt)
-    hits = sum(normalize_answer(a) == normalize_answer(e.answer) for a, e in zip(answers, examples))
+    answers = generate_answers(
+        model, tokenizer, examples, max_new_tokens, batch_size, system_prompt
+    )
+    hits = sum(
+        normalize_answer(a) == normalize_answer(e.answer)
+        for a, e in zip(answers, examples, strict=False)
+    )
     return EvalResult(
-        loss=loss, perplexity=math.exp(min(loss, 50.0)), accuracy=hits / len(examples),
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        accuracy=hits / len(examples),
         examples=len(examples),
+    )
+
+
+def evaluate_heldout(cfg: FinetuneConfig, model_path: str, adapter_dir: Path | None) -> EvalResult:
+    """Held-out metrics of the base model (adapter_dir None) or of base + adapter."""
+    split = split_examples(
+        load_examples(cfg.data.path), cfg.data.validation_fraction, cfg.data.split_seed
+    )
+    model = load_model(model_path, cfg.model.dtype)
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir)
+    return evaluate(
+        model,
+        load_tokenizer(model_path),
+        split.validation[: cfg.eval.max_examples],
+        max_length=cfg.data.max_length,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        system_prompt=cfg.data.system_prompt,
     )

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from cluster.state import StateDir
 
 DEMO = "demo"
+TINY = "tiny"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -18,13 +19,14 @@ class ModelNotFoundError(FileNotFoundError):
 
 def resolve_model_path(base: str, state: StateDir) -> str:
     """Map a config's `model.base` to something `from_pretrained` accepts."""
-    if base == DEMO:
-        if not (state.demo_model / "config.json").is_file():
+    if base in (DEMO, TINY):
+        path = state.demo_model if base == DEMO else state.tiny_model
+        if not (path / "config.json").is_file():
             raise ModelNotFoundError(
-                f"the demo model is not provisioned at {state.demo_model}; run "
-                "`scripts/setup.sh` (or `python -m llm.demo_model --state-dir ...`) first"
+                f"the {base} model is not provisioned at {path}; run `scripts/setup.sh` "
+                "(or `python -m llm.demo_model --tiny --state-dir ...`) first"
             )
-        return str(state.demo_model)
+        return str(path)
     if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
         raise ModelNotFoundError(f"model directory not found: {base}")
     return str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else base

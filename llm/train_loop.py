@@ -8,6 +8,7 @@ Only rank 0 prints, logs to MLflow and writes checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import tempfile
@@ -28,6 +29,9 @@ from llm.model import load_model, load_tokenizer
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 ADAPTER_SUBDIR = "adapter"
+
+# Ray Train routes worker logging to `ray job logs` (rank 0 shown); a bare print shows twice.
+log = logging.getLogger("fedforge.train")
 
 
 def batch_indices(n_examples: int, step: int, global_batch: int, seed: int) -> list[int]:
@@ -78,6 +82,7 @@ def train_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines are noise
 
     tokenizer = load_tokenizer(loop_config["model_path"])
     split = split_examples(
@@ -87,8 +92,9 @@ def train_worker(loop_config: dict) -> None:
         encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt)
         for e in split.train
     ]
-    model = apply_lora(load_model(loop_config["model_path"], cfg.model.dtype), cfg.lora,
-                       cfg.train.seed)
+    model = apply_lora(
+        load_model(loop_config["model_path"], cfg.model.dtype), cfg.lora, cfg.train.seed
+    )
     device = ray.train.torch.get_device()
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -98,7 +104,7 @@ def train_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     start_step = _restore(model, optimizer, checkpoint) if checkpoint else 0
     if rank == 0 and start_step:
-        print(f"[fedforge] resumed from checkpoint at step {start_step}", flush=True)
+        log.info("[fedforge] resumed from checkpoint at step %d", start_step)
     peft_model = model
     model = ray.train.torch.prepare_model(model)  # DDP over gloo/nccl when world > 1
 
@@ -138,10 +144,13 @@ def train_worker(loop_config: dict) -> None:
         save_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
         new_checkpoint = None
         if rank == 0:
-            print(
-                f"[fedforge] step {step}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
-                f"tokens/s {metrics['tokens_per_s']:.0f} lr {metrics['lr']:.2e}",
-                flush=True,
+            log.info(
+                "[fedforge] step %d/%d loss %.4f tokens/s %.0f lr %.2e",
+                step,
+                cfg.train.max_steps,
+                metrics["loss"],
+                metrics["tokens_per_s"],
+                metrics["lr"],
             )
             if mlflow:
                 from mlflow.entities import Metric

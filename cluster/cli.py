@@ -1,0 +1,80 @@
+"""The `fedforge` command line. It only wires commands: each job runs as its own module
+(`python -m llm.finetune ...`), exactly what `ray job submit` runs, so both paths share code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cluster.registry_cli import registry_app
+
+app = typer.Typer(
+    help="Fine-tune, federate and serve LLMs on a Ray cluster.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(registry_app, name="registry")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML job config.")]
+StateOpt = Annotated[
+    Path | None, typer.Option("--state-dir", help="State directory (default ./.fedforge).")
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster (default $RAY_ADDRESS, else a local head)."),
+]
+DEMO_FINETUNE_CONFIG = {"demo": "configs/finetune/demo.yaml", "tiny": "configs/finetune/tiny.yaml"}
+
+
+def run_module(module: str, *args: str) -> None:
+    """Run `python -m module args...` in the foreground; a failure exits with its code."""
+    code = subprocess.call([sys.executable, "-m", module, *args])
+    if code != 0:
+        raise typer.Exit(code)
+
+
+def _state_args(state_dir: Path | None) -> list[str]:
+    return ["--state-dir", str(state_dir.resolve())] if state_dir else []
+
+
+@app.command()
+def finetune(config: ConfigOpt, state_dir: StateOpt = None, address: AddressOpt = None) -> None:
+    """LoRA fine-tuning on Ray Train; registers the adapter with alias `candidate`."""
+    args = ["--config", str(config), *_state_args(state_dir)]
+    run_module("llm.finetune", *args, *(["--address", address] if address else []))
+
+
+@app.command()
+def demo(
+    profile: Annotated[
+        str, typer.Option(help="demo (SmolLM2-135M) or tiny (random, tests).")
+    ] = "demo",
+    state_dir: StateOpt = None,
+) -> None:
+    """The main job: fine-tune, register, evaluate the adapter loaded back from the registry."""
+    if profile not in DEMO_FINETUNE_CONFIG:
+        typer.echo(
+            f"error: unknown profile '{profile}' (choose {', '.join(DEMO_FINETUNE_CONFIG)})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    config = DEMO_FINETUNE_CONFIG[profile]
+    provision = ["--tiny"] if profile == "tiny" else []
+    run_module("llm.demo_model", *provision, *_state_args(state_dir))
+    typer.echo(f"[fedforge] stage 1/2: fine-tune ({config})")
+    run_module("llm.finetune", "--config", config, *_state_args(state_dir))
+    typer.echo("[fedforge] stage 2/2: evaluate the registered candidate against the base model")
+    run_module(
+        "llm.evaluate_registered", "--config", config, "--ref", "candidate", *_state_args(state_dir)
+    )
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

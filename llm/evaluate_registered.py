@@ -1,0 +1,69 @@
+"""Evaluate a registered adapter, downloaded back from the registry, against its base model.
+
+    python -m llm.evaluate_registered --config configs/finetune/demo.yaml --ref candidate
+
+Prints held-out accuracy and perplexity of base vs adapter and writes the numbers to
+<state>/reports/<model>-v<version>-eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from cluster.config import ConfigError, FinetuneConfig, load_config
+from cluster.registry import Registry, RegistryError
+from cluster.state import StateDir
+from llm.data import DatasetError
+from llm.evaluate import evaluate_heldout
+from llm.model import ModelNotFoundError, resolve_model_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the fine-tuning config of the model")
+    parser.add_argument("--ref", default="candidate", help="version number or alias")
+    parser.add_argument("--state-dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, FinetuneConfig)
+        state = StateDir.resolve(args.state_dir)
+        registry = Registry.from_settings(cfg.registry, state)
+        name = cfg.registry.model_name
+        version = registry.get(name, args.ref)
+        model_path = resolve_model_path(cfg.model.base, state)
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter_dir = registry.download(name, version.version, Path(tmp))
+            base = evaluate_heldout(cfg, model_path, None)
+            tuned = evaluate_heldout(cfg, model_path, adapter_dir)
+    except (ConfigError, DatasetError, ModelNotFoundError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows = [("base model", base), (f"{name} v{version.version} (from registry)", tuned)]
+    print(f"\nheld-out evaluation on {tuned.examples} examples never trained on")
+    print(f"{'model':<40} {'accuracy':>9} {'perplexity':>11} {'loss':>7}")
+    for label, result in rows:
+        print(f"{label:<40} {result.accuracy:>9.1%} {result.perplexity:>11.2f} {result.loss:>7.3f}")
+    report = state.reports / f"{name}-v{version.version}-eval.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(
+        json.dumps(
+            {
+                "model": name,
+                "version": version.version,
+                "examples": tuned.examples,
+                "base": base.as_metrics(""),
+                "adapter": tuned.as_metrics(""),
+            },
+            indent=2,
+        )
+    )
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
