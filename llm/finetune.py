@@ -24,6 +24,7 @@ from cluster.state import StateDir
 from llm.data import DatasetError, dataset_sha256, load_examples
 from llm.evaluate import EvalResult, evaluate_heldout
 from llm.model import ModelNotFoundError, resolve_model_path
+from llm.run_identity import RunMismatchError, check_or_record, flatten
 from llm.train_loop import ADAPTER_SUBDIR, train_worker
 
 
@@ -40,13 +41,14 @@ def run_finetune(
 ) -> FinetuneOutcome:
     model_path = resolve_model_path(cfg.model.base, state)
     load_examples(cfg.data.path)  # fail on a bad dataset before any Ray work
+    check_or_record(cfg, state.ray_storage / cfg.name)
     # Ray Train workers do not run in the job's working directory: hand them absolute paths.
     worker_cfg = cfg.model_copy(
         update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})}
     )
     connect(address)
     registry = Registry.from_settings(cfg.registry, state)
-    params = {"config." + k: v for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+    params = {"config." + k: v for k, v in flatten(cfg.model_dump(mode="json")).items()}
     with registry.run(cfg.registry.experiment, cfg.name, params) as run_id:
         trainer = TorchTrainer(
             train_worker,
@@ -91,16 +93,6 @@ def run_finetune(
     return FinetuneOutcome(version.version, base, tuned, final_loss)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="LoRA fine-tuning on Ray Train")
     parser.add_argument(
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, FinetuneConfig)
         outcome = run_finetune(cfg, StateDir.resolve(args.state_dir), args.address)
-    except (ConfigError, DatasetError, ModelNotFoundError) as exc:
+    except (ConfigError, DatasetError, ModelNotFoundError, RunMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
 from cluster.state import StateDir
@@ -40,4 +41,6 @@ def load_tokenizer(path: str) -> PreTrainedTokenizer:
 
 
 def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
+    # A per-tensor progress bar from every Ray worker drowns the step logs.
+    transformers.logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))

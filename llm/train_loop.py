@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -18,13 +17,21 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from cluster.config import FinetuneConfig
-from llm.data import collate, encode_example, load_examples, split_examples
-from llm.lora import apply_lora, save_adapter
-from llm.model import load_model, load_tokenizer
+from llm.lora import save_adapter
+from llm.model import load_tokenizer
+from llm.training import (
+    encoded_train_set,
+    learning_rate,
+    lora_model_and_optimizer,
+    rank_batch,
+    train_step,
+)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -32,22 +39,6 @@ ADAPTER_SUBDIR = "adapter"
 
 # Ray Train routes worker logging to `ray job logs` (rank 0 shown); a bare print shows twice.
 log = logging.getLogger("fedforge.train")
-
-
-def batch_indices(n_examples: int, step: int, global_batch: int, seed: int) -> list[int]:
-    """Indices of the global batch for `step`: epochs are seeded permutations laid end to end."""
-    start = step * global_batch
-    indices: list[int] = []
-    while len(indices) < global_batch:
-        epoch, offset = divmod(start + len(indices), n_examples)
-        order = list(range(n_examples))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        indices += order[offset : offset + global_batch - len(indices)]
-    return indices
-
-
-def learning_rate(step: int, peak: float, warmup: int) -> float:
-    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
 
 
 def _restore(model, optimizer, checkpoint: ray.train.Checkpoint) -> int:
@@ -68,12 +59,11 @@ def _checkpoint(model, optimizer, step: int, metrics: dict, config: dict) -> ray
     return ray.train.Checkpoint.from_directory(str(ckpt_dir))
 
 
-def _mean_across_ranks(value: float) -> float:
-    if not torch.distributed.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return tensor.item() / torch.distributed.get_world_size()
+def _sum_across_ranks(*values: float) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def train_worker(loop_config: dict) -> None:
@@ -85,22 +75,9 @@ def train_worker(loop_config: dict) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines are noise
 
     tokenizer = load_tokenizer(loop_config["model_path"])
-    split = split_examples(
-        load_examples(cfg.data.path), cfg.data.validation_fraction, cfg.data.split_seed
-    )
-    encoded = [
-        encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt)
-        for e in split.train
-    ]
-    model = apply_lora(
-        load_model(loop_config["model_path"], cfg.model.dtype), cfg.lora, cfg.train.seed
-    )
+    encoded = encoded_train_set(cfg, tokenizer)
     device = ray.train.torch.get_device()
-    model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
-    )
+    model, optimizer = lora_model_and_optimizer(cfg, loop_config["model_path"], device)
     checkpoint = ray.train.get_checkpoint()
     start_step = _restore(model, optimizer, checkpoint) if checkpoint else 0
     if rank == 0 and start_step:
@@ -110,37 +87,38 @@ def train_worker(loop_config: dict) -> None:
 
     mlflow = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
-        from mlflow import MlflowClient
-
         mlflow = MlflowClient(loop_config["tracking_uri"])
 
-    global_batch = cfg.train.batch_size * world
     step = start_step
     if step >= cfg.train.max_steps:  # already finished: hand the final checkpoint back again
         ray.train.report({"step": step}, checkpoint=checkpoint if rank == 0 else None)
         return
     model.train()
+    last = time.perf_counter()
     while step < cfg.train.max_steps:
-        started = time.perf_counter()
-        indices = batch_indices(len(encoded), step, global_batch, cfg.train.seed)
-        mine = [encoded[i] for i in indices[rank * cfg.train.batch_size :][: cfg.train.batch_size]]
-        batch = {k: v.to(device) for k, v in collate(mine, tokenizer.pad_token_id).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.train.learning_rate, cfg.train.warmup_steps)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = rank_batch(
+            encoded,
+            step,
+            rank,
+            world,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            tokenizer.pad_token_id,
+        )
+        batch = {k: v.to(device) for k, v in batch.items()}
+        lr = learning_rate(step, cfg.train.learning_rate, cfg.train.warmup_steps)
+        loss = train_step(model, optimizer, batch, lr)
         step += 1
-
-        elapsed = time.perf_counter() - started
-        tokens = int(batch["attention_mask"].sum()) * world  # ranks' batches are similar sizes
+        loss_sum, tokens = _sum_across_ranks(loss.item(), float(batch["attention_mask"].sum()))
+        # Wall time since the previous step ended: includes reporting and checkpoint overhead.
+        now = time.perf_counter()
         metrics = {
             "step": step,
-            "loss": _mean_across_ranks(loss.item()),
-            "tokens_per_s": tokens / elapsed,
-            "lr": optimizer.param_groups[0]["lr"],
+            "loss": loss_sum / world,
+            "tokens_per_s": tokens / (now - last),
+            "lr": lr,
         }
+        last = now
         save_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
         new_checkpoint = None
         if rank == 0:
@@ -153,12 +131,10 @@ def train_worker(loop_config: dict) -> None:
                 metrics["lr"],
             )
             if mlflow:
-                from mlflow.entities import Metric
-
-                now = int(time.time() * 1000)
+                timestamp_ms = int(time.time() * 1000)
                 mlflow.log_batch(
                     loop_config["mlflow_run_id"],
-                    metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                    metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()],
                 )
             if save_now:
                 new_checkpoint = _checkpoint(

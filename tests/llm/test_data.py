@@ -13,7 +13,7 @@ from llm.data import (
     load_examples,
     split_examples,
 )
-from llm.train_loop import batch_indices
+from llm.training import batch_indices
 
 ROWS = [
     {

@@ -1,0 +1,71 @@
+"""Guard for resuming: a run name may only be resumed with a config that trains the same thing.
+
+Ray Train resumes any run whose name already has checkpoints. If the model, data, LoRA shape or
+batch changed, the old optimizer and adapter state do not fit the new run (or silently mean
+something else), so the job refuses with the keys that changed instead of failing in a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cluster.config import FinetuneConfig
+
+IDENTITY_FILE = "fedforge_run_identity.json"
+# Keys that may change between submissions of one run: how long, how often, how it is judged.
+MUTABLE = {
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "scaling.max_failures",
+    "scaling.num_workers",
+    "scaling.cpus_per_worker",
+    "scaling.use_gpu",
+}
+MUTABLE_SECTIONS = ("eval.", "registry.")
+
+
+class RunMismatchError(ValueError):
+    """The run's checkpoints were made with an incompatible config. The message is for users."""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def identity(cfg: FinetuneConfig) -> dict[str, object]:
+    return {
+        key: value
+        for key, value in flatten(cfg.model_dump(mode="json")).items()
+        if key not in MUTABLE and not key.startswith(MUTABLE_SECTIONS)
+    }
+
+
+def check_or_record(cfg: FinetuneConfig, run_dir: Path) -> None:
+    """Record the run's identity on first start; on a resume, refuse an incompatible config."""
+    path = run_dir / IDENTITY_FILE
+    current = identity(cfg)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(
+            k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k)
+        )
+        if changed:
+            raise RunMismatchError(
+                f"run '{cfg.name}' already has checkpoints in {run_dir} made with a different "
+                f"config ({', '.join(changed)} changed). Use a new `name`, or delete that "
+                "directory to start over."
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(current, indent=2, sort_keys=True))
+    os.replace(staging, path)

@@ -1,0 +1,77 @@
+"""Pure training helpers shared by the Ray Train loop, federated clients and the benchmark.
+
+No Ray here: a data order that depends only on (seed, step), the LoRA model and its optimizer,
+and one optimizer step.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from peft import PeftModel
+
+from cluster.config import FinetuneConfig
+from llm.data import collate, encode_example, load_examples, split_examples
+from llm.lora import apply_lora
+from llm.model import load_model
+
+
+def encoded_train_set(cfg: FinetuneConfig, tokenizer) -> list[dict[str, list[int]]]:
+    split = split_examples(
+        load_examples(cfg.data.path), cfg.data.validation_fraction, cfg.data.split_seed
+    )
+    return [
+        encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt)
+        for e in split.train
+    ]
+
+
+def batch_indices(n_examples: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of the global batch for `step`: epochs are seeded permutations laid end to end."""
+    start = step * global_batch
+    indices: list[int] = []
+    while len(indices) < global_batch:
+        epoch, offset = divmod(start + len(indices), n_examples)
+        order = list(range(n_examples))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        indices += order[offset : offset + global_batch - len(indices)]
+    return indices
+
+
+def rank_batch(
+    encoded: list, step: int, rank: int, world: int, batch_size: int, seed: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """This rank's disjoint slice of the global batch for `step`."""
+    indices = batch_indices(len(encoded), step, batch_size * world, seed)
+    mine = indices[rank * batch_size : (rank + 1) * batch_size]
+    return collate([encoded[i] for i in mine], pad_id)
+
+
+def learning_rate(step: int, peak: float, warmup: int) -> float:
+    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+
+
+def lora_model_and_optimizer(
+    cfg: FinetuneConfig, model_path: str, device: torch.device | str = "cpu"
+) -> tuple[PeftModel, torch.optim.Optimizer]:
+    # Device move before peft wraps the model (opacus#820: the reverse corrupts LoRA updates).
+    base = load_model(model_path, cfg.model.dtype).to(device)
+    model = apply_lora(base, cfg.lora, cfg.train.seed)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay,
+    )
+    return model, optimizer
+
+
+def train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -> torch.Tensor:
+    """One optimizer step on the answer-token loss; returns the (detached) loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

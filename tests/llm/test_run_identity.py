@@ -1,0 +1,21 @@
+import pytest
+
+from cluster.config import FinetuneConfig
+from llm.run_identity import RunMismatchError, check_or_record
+
+BASE = {"name": "r", "data": {"path": "d.jsonl"}, "train": {"max_steps": 10}}
+
+
+def config(**sections) -> FinetuneConfig:
+    return FinetuneConfig.model_validate({**BASE, **sections})
+
+
+def test_resuming_with_more_steps_is_allowed(tmp_path):
+    check_or_record(config(), tmp_path)
+    check_or_record(config(train={"max_steps": 50}, eval={"max_examples": 5}), tmp_path)
+
+
+def test_resuming_with_a_different_adapter_shape_is_refused(tmp_path):
+    check_or_record(config(), tmp_path)
+    with pytest.raises(RunMismatchError, match=r"lora\.r.*changed.*new `name`"):
+        check_or_record(config(lora={"r": 16}), tmp_path)
