@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from cluster.jobs import run_local, submit_and_follow
 from cluster.registry_cli import registry_app
 
 app = typer.Typer(
@@ -25,16 +24,23 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML job config
 StateOpt = Annotated[
     Path | None, typer.Option("--state-dir", help="State directory (default ./.fedforge).")
 ]
-AddressOpt = Annotated[
+JobAddressOpt = Annotated[
     str | None,
-    typer.Option("--address", help="Ray cluster (default $RAY_ADDRESS, else a local head)."),
+    typer.Option(
+        "--address",
+        envvar="RAY_JOB_ADDRESS",
+        help="Ray dashboard address (http://head:8265): submit as a Ray job. "
+        "Default: run here with a local Ray head.",
+    ),
 ]
 DEMO_FINETUNE_CONFIG = {"demo": "configs/finetune/demo.yaml", "tiny": "configs/finetune/tiny.yaml"}
 
 
-def run_module(module: str, *args: str) -> None:
-    """Run `python -m module args...` in the foreground; a failure exits with its code."""
-    code = subprocess.call([sys.executable, "-m", module, *args])
+def run_module(module: str, *args: str, address: str | None = None) -> None:
+    """Run `python -m module args...` (as a Ray job when a job address is given)."""
+    code = (
+        submit_and_follow(address, module, list(args)) if address else run_local(module, list(args))
+    )
     if code != 0:
         raise typer.Exit(code)
 
@@ -44,10 +50,10 @@ def _state_args(state_dir: Path | None) -> list[str]:
 
 
 @app.command()
-def finetune(config: ConfigOpt, state_dir: StateOpt = None, address: AddressOpt = None) -> None:
+def finetune(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt = None) -> None:
     """LoRA fine-tuning on Ray Train; registers the adapter with alias `candidate`."""
-    args = ["--config", str(config), *_state_args(state_dir)]
-    run_module("llm.finetune", *args, *(["--address", address] if address else []))
+    state = state_dir or Path(".fedforge")  # absolute: a Ray job runs in a temporary copy
+    run_module("llm.finetune", "--config", str(config), *_state_args(state), address=address)
 
 
 @app.command()

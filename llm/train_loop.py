@@ -83,7 +83,11 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0 and start_step:
         log.info("[fedforge] resumed from checkpoint at step %d", start_step)
     peft_model = model
-    model = ray.train.torch.prepare_model(model)  # DDP over gloo/nccl when world > 1
+    # DDP over gloo/nccl when world > 1. Buffers (rotary tables) are identical on every rank:
+    # broadcasting them before each forward is a wasted collective per step.
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"broadcast_buffers": False}
+    )
 
     mlflow = None
     if rank == 0 and loop_config.get("mlflow_run_id"):

@@ -1,0 +1,55 @@
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.registry import Registry
+
+runner = CliRunner()
+
+
+def registered(state, tmp_path, versions=2) -> Registry:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"0")
+    registry = Registry(state.default_tracking_uri(), state.mlflow_artifacts)
+    with registry.run("cli", "cli", {}) as run_id:
+        for _ in range(versions):
+            registry.register_adapter(
+                "demo-model",
+                adapter,
+                run_id,
+                {"fedforge.kind": "finetune", "fedforge.metric.eval_accuracy": "0.9"},
+            )
+    return registry
+
+
+def invoke(state, *args):
+    return runner.invoke(app, [*args, "--state-dir", str(state.root)])
+
+
+def test_list_promote_rollback_show(state, tmp_path):
+    registered(state, tmp_path)
+    listing = invoke(state, "registry", "list")
+    assert listing.exit_code == 0
+    lines = [line.split() for line in listing.output.splitlines()[1:]]
+    assert [(row[1], row[2]) for row in lines] == [("1", "-"), ("2", "candidate")]
+
+    assert "production -> v1" in invoke(state, "registry", "promote", "demo-model", "1").output
+    assert (
+        "production -> v2" in invoke(state, "registry", "promote", "demo-model", "candidate").output
+    )
+    assert "v1 (rolled back)" in invoke(state, "registry", "rollback", "demo-model").output
+    shown = invoke(state, "registry", "show", "demo-model", "production")
+    assert shown.exit_code == 0
+    assert "demo-model v1  aliases: production" in shown.output
+    assert "fedforge.metric.eval_accuracy: 0.9" in shown.output
+
+
+def test_user_errors_are_one_line_not_a_traceback(state, tmp_path):
+    registered(state, tmp_path, versions=1)
+    result = invoke(state, "registry", "rollback", "demo-model")
+    assert result.exit_code == 1
+    assert "no earlier production version" in result.output
+    assert "Traceback" not in result.output
+    missing = invoke(state, "registry", "show", "demo-model", "9")
+    assert missing.exit_code == 1 and "no version '9'" in missing.output
