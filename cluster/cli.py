@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -71,6 +72,7 @@ def demo(
         )
         raise typer.Exit(2)
     config = DEMO_FINETUNE_CONFIG[profile]
+    started = time.monotonic()
     provision = ["--tiny"] if profile == "tiny" else []
     run_module("llm.demo_model", *provision, *_state_args(state_dir))
     typer.echo(f"[fedforge] stage 1/2: fine-tune ({config})")
@@ -79,6 +81,7 @@ def demo(
     run_module(
         "llm.evaluate_registered", "--config", config, "--ref", "candidate", *_state_args(state_dir)
     )
+    typer.echo(f"[fedforge] demo finished in {(time.monotonic() - started) / 60:.1f} min")
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-from mlflow import MlflowClient
+from mlflow import MlflowClient, flush_async_logging
 from mlflow.entities import Metric
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -139,6 +139,7 @@ def train_worker(loop_config: dict) -> None:
                 mlflow.log_batch(
                     loop_config["mlflow_run_id"],
                     metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()],
+                    synchronous=False,  # off the critical path: the other ranks wait for rank 0
                 )
             if save_now:
                 new_checkpoint = _checkpoint(
@@ -147,3 +148,5 @@ def train_worker(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=new_checkpoint)
         if new_checkpoint is not None:  # Ray Train has copied it into the run's storage
             shutil.rmtree(new_checkpoint.path, ignore_errors=True)
+    if mlflow:
+        flush_async_logging()  # the worker process ends with this function

@@ -42,10 +42,14 @@ def batch_indices(n_examples: int, step: int, global_batch: int, seed: int) -> l
 def rank_batch(
     encoded: list, step: int, rank: int, world: int, batch_size: int, seed: int, pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """This rank's disjoint slice of the global batch for `step`."""
+    """This rank's disjoint slice of the global batch for `step`.
+
+    The global batch is sorted by length and dealt out in turn, so every rank gets about the same
+    number of tokens: in data-parallel steps the slowest rank sets the pace for all.
+    """
     indices = batch_indices(len(encoded), step, batch_size * world, seed)
-    mine = indices[rank * batch_size : (rank + 1) * batch_size]
-    return collate([encoded[i] for i in mine], pad_id)
+    by_length = sorted(indices, key=lambda i: len(encoded[i]["input_ids"]))
+    return collate([encoded[i] for i in by_length[rank::world]], pad_id)
 
 
 def learning_rate(step: int, peak: float, warmup: int) -> float:

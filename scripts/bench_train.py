@@ -11,6 +11,7 @@ the job sees it: DDP all-reduce, reporting and checkpointing included.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -101,6 +102,13 @@ def main() -> None:
     rows = []
     plain = plain_loop(bench_config(args.model, args.steps, 1), model_path, args.warmup)
     rows.append(("plain peft loop (1 process)", 1, plain))
+    # The machine's own ceiling for 2 CPUs: two independent plain loops at once share memory
+    # bandwidth and caches just as two Ray Train workers do, with no Ray and no all-reduce.
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pair = pool.starmap(
+            plain_loop, [(bench_config(args.model, args.steps, 1), model_path, args.warmup)] * 2
+        )
+    rows.append(("2 plain loops side by side", 2, [a + b for a, b in zip(*pair, strict=True)]))
     with tempfile.TemporaryDirectory() as tmp:
         state = StateDir.resolve(tmp)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

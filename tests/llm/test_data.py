@@ -13,7 +13,6 @@ from llm.data import (
     load_examples,
     split_examples,
 )
-from llm.training import batch_indices
 
 ROWS = [
     {
@@ -128,12 +127,3 @@ def test_dataset_hash_follows_content(tmp_path):
     a = dataset_sha256(write_jsonl(tmp_path / "a.jsonl", ROWS))
     assert a == dataset_sha256(write_jsonl(tmp_path / "same.jsonl", ROWS))
     assert a != dataset_sha256(write_jsonl(tmp_path / "b.jsonl", ROWS[:-1]))
-
-
-def test_batch_order_depends_only_on_step():
-    n, global_batch = 10, 4
-    steps = [batch_indices(n, s, global_batch, seed=3) for s in range(5)]
-    assert steps[3] == batch_indices(n, 3, global_batch, seed=3)  # resumable at any step
-    first_epoch = [i for step in steps for i in step][:n]
-    assert sorted(first_epoch) == list(range(n))  # every example once per epoch
-    assert batch_indices(n, 0, global_batch, seed=4) != steps[0]
