@@ -65,6 +65,12 @@ class TrainSettings(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before a constant rate.")
     checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept by Ray Train.")
+    report_every: int = Field(
+        5,
+        ge=1,
+        description="Steps between ray.train.report calls (each is a barrier across workers); "
+        "checkpoint steps always report. Progress lines are logged every step regardless.",
+    )
     seed: int = Field(0, description="Seed for LoRA initialisation and data order.")
 
 

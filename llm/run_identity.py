@@ -19,6 +19,7 @@ MUTABLE = {
     "train.max_steps",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.report_every",
     "scaling.max_failures",
     "scaling.num_workers",
     "scaling.cpus_per_worker",

@@ -145,7 +145,8 @@ def train_worker(loop_config: dict) -> None:
                 new_checkpoint = _checkpoint(
                     peft_model, optimizer, step, metrics, loop_config["config"]
                 )
-        ray.train.report(metrics, checkpoint=new_checkpoint)
+        if save_now or step % cfg.train.report_every == 0:
+            ray.train.report(metrics, checkpoint=new_checkpoint)
         if new_checkpoint is not None:  # Ray Train has copied it into the run's storage
             shutil.rmtree(new_checkpoint.path, ignore_errors=True)
     if mlflow:
