@@ -117,7 +117,8 @@ class Registry:
         return sorted(m.name for m in self.client.search_registered_models())
 
     def aliases(self, name: str) -> dict[str, str]:
-        return dict(self.client.get_registered_model(name).aliases)
+        """Alias -> version number, as a string (stores disagree on int vs str)."""
+        return {a: str(v) for a, v in self.client.get_registered_model(name).aliases.items()}
 
     def get(self, name: str, ref: str | int) -> ModelVersion:
         """A version by number (`3`) or by alias (`production`)."""
@@ -145,7 +146,8 @@ class Registry:
     # -- aliases ------------------------------------------------------------------------------
 
     def _history(self, name: str) -> list[str]:
-        return json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+        history = json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+        return [str(v) for v in history]
 
     def _move_production(self, name: str, history: list[str]) -> None:
         previous = self._history(name)
@@ -160,9 +162,10 @@ class Registry:
         """Point `production` at a version (number or alias, e.g. `candidate`)."""
         version = self.get(name, ref)
         history = self._history(name)
-        if history and history[-1] == version.version:
+        number = str(version.version)
+        if history and history[-1] == number:
             return version
-        self._move_production(name, [*history, version.version])
+        self._move_production(name, [*history, number])
         return version
 
     def rollback(self, name: str) -> ModelVersion:

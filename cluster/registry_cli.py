@@ -60,7 +60,7 @@ def list_versions(
         aliases = registry.aliases(model)
         for version in registry.versions(model):
             tags = {k.removeprefix("fedforge."): v for k, v in version.tags.items()}
-            names_of = ",".join(sorted(a for a, v in aliases.items() if v == version.version))
+            names_of = ",".join(sorted(a for a, v in aliases.items() if v == str(version.version)))
             kind, acc, base, data, rev = (tags.get(t, "-") for t in SUMMARY_TAGS)
             typer.echo(
                 f"{model:<20} {version.version:>4} {names_of or '-':<22} {kind:<9} "
@@ -81,7 +81,7 @@ def show(
         version = registry.get(name, ref)
     except RegistryError as exc:
         raise _fail(exc) from None
-    aliases = [a for a, v in registry.aliases(name).items() if v == version.version]
+    aliases = [a for a, v in registry.aliases(name).items() if v == str(version.version)]
     typer.echo(f"{name} v{version.version}  aliases: {', '.join(aliases) or '-'}")
     typer.echo(f"source: {version.source}\nrun: {version.run_id}")
     for key, value in sorted(version.tags.items()):

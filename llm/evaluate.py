@@ -22,10 +22,11 @@ class EvalResult:
     examples: int
 
     def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        lead = f"{prefix}_" if prefix else ""
         return {
-            f"{prefix}_loss": self.loss,
-            f"{prefix}_perplexity": self.perplexity,
-            f"{prefix}_accuracy": self.accuracy,
+            f"{lead}loss": self.loss,
+            f"{lead}perplexity": self.perplexity,
+            f"{lead}accuracy": self.accuracy,
         }
 
 

@@ -33,7 +33,7 @@ def register(registry, adapter_dir, n=1):
 
 def test_round_trip_register_alias_download_load_generate(registry, adapter_dir, state, tmp_path):
     (version,) = register(registry, adapter_dir)
-    assert registry.aliases("m") == {CANDIDATE: version.version}
+    assert registry.aliases("m") == {CANDIDATE: str(version.version)}
     assert version.tags["fedforge.kind"] == "test"
 
     downloaded = registry.download("m", CANDIDATE, tmp_path / "dl")
@@ -57,9 +57,9 @@ def test_promote_and_rollback_keep_every_version(registry, adapter_dir):
     v1, v2, v3 = register(registry, adapter_dir, n=3)
     registry.promote("m", v1.version)
     registry.promote("m", CANDIDATE)  # alias resolves to the newest candidate, v3
-    assert registry.aliases("m")[PRODUCTION] == v3.version
+    assert registry.aliases("m")[PRODUCTION] == str(v3.version)
     assert registry.rollback("m").version == v1.version
-    assert registry.aliases("m")[PRODUCTION] == v1.version
+    assert registry.aliases("m")[PRODUCTION] == str(v1.version)
     assert [v.version for v in registry.versions("m")] == [v1.version, v2.version, v3.version]
     with pytest.raises(RegistryError, match="no earlier production version"):
         registry.rollback("m")

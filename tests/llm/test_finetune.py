@@ -67,7 +67,7 @@ def test_two_worker_run_lowers_the_loss_and_registers_lineage(tmp_path, state):
 
     registry = Registry(state.default_tracking_uri())
     (version,) = registry.versions("fedforge-tiny")
-    assert registry.aliases("fedforge-tiny") == {CANDIDATE: version.version}
+    assert registry.aliases("fedforge-tiny") == {CANDIDATE: str(version.version)}
     tags = version.tags
     assert tags["fedforge.dataset_sha256"] == dataset_sha256(REPO / "llm/demo_task/tickets.jsonl")
     assert tags["fedforge.base_model"] == "tiny"
