@@ -13,7 +13,7 @@ from pathlib import Path
 
 ENV_VAR = "FEDFORGE_STATE_DIR"
 DEMO_MODEL_DIRNAME = "smollm2-135m-instruct"
-TINY_MODEL_DIRNAME = "tiny-llama"
+TINY_MODEL_DIRNAME = "tiny-llama-h64"
 
 
 @dataclass(frozen=True)

@@ -92,21 +92,23 @@ def provision(state: StateDir) -> Path:
 
 
 def provision_tiny(state: StateDir) -> Path:
-    """A tiny random Llama (2 layers, hidden 64) with the demo tokenizer, for fast tests."""
+    """A tiny random Llama (2 layers, hidden 128) with the demo tokenizer, for fast tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     target = state.tiny_model
     if (target / MARKER).is_file():
         return target
     tokenizer = load_tokenizer(str(provision(state)))
+    # head_dim 64: vLLM's CPU attention kernels reject small heads (16 fails), and the serving
+    # tests run this model on the real engine.
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
