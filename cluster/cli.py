@@ -58,6 +58,13 @@ def finetune(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressO
 
 
 @app.command()
+def serve(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt = None) -> None:
+    """The OpenAI-compatible endpoint (Ray Serve + vLLM); runs until stopped."""
+    state = state_dir or Path(".fedforge")
+    run_module("serve.deploy", "--config", str(config), *_state_args(state), address=address)
+
+
+@app.command()
 def demo(
     profile: Annotated[
         str, typer.Option(help="demo (SmolLM2-135M) or tiny (random, tests).")

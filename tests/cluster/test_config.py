@@ -63,8 +63,12 @@ def test_missing_file_and_bad_yaml_are_reported(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    if "finetune" in path.parts:
-        load_config(path, FinetuneConfig)
+    from serve.config import ServeConfig
+
+    models = {"finetune": FinetuneConfig, "serve": ServeConfig}
+    kind = path.parent.name
+    if kind in models:
+        load_config(path, models[kind])
 
 
 def test_config_hash_ignores_formatting(tmp_path):

@@ -1,0 +1,85 @@
+"""The Ray Serve application: vLLM behind Ray Serve LLM's OpenAI app, from one ServeConfig.
+
+`build_app` is the one builder; `app_builder` is the same thing for a Serve config file
+(`import_path: serve.app:app_builder`, `args: {config: ..., state_dir: ...}`), so `serve run`,
+`serve deploy`, a KubeRay RayService and `python -m serve.deploy` all build the same app.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+from ray.serve.llm import LLMConfig, build_openai_app
+
+from cluster.config import load_config
+from cluster.state import StateDir
+from serve.api_keys import load_key_hashes
+from serve.config import ServeConfig
+
+INGRESS_CLASS = "serve.ingress:KeyCheckedIngress"
+
+
+def resolve_model_source(base: str, state: StateDir) -> str:
+    """'demo'/'tiny' name directories in the state dir; anything else is a hub id or path."""
+    if base == "demo":
+        return str(state.demo_model)
+    if base == "tiny":
+        return str(state.tiny_model)
+    return base
+
+
+def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
+    scaling = cfg.autoscaling
+    return LLMConfig(
+        model_loading_config={
+            "model_id": cfg.model_id,
+            "model_source": resolve_model_source(cfg.model.base, state),
+        },
+        accelerator_config={"kind": cfg.accelerator},
+        placement_group_config={
+            "bundles": [{"CPU": cfg.cpus_per_replica}]
+            if cfg.accelerator == "cpu"
+            else [{"GPU": 1, "CPU": cfg.cpus_per_replica}],
+            "strategy": "PACK",
+        },
+        engine_kwargs={
+            "dtype": cfg.engine.dtype,
+            "max_model_len": cfg.engine.max_model_len,
+            "enforce_eager": cfg.engine.enforce_eager,
+        },
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gb)}},
+        deployment_config={
+            "max_ongoing_requests": cfg.max_ongoing_requests,
+            "autoscaling_config": {
+                "min_replicas": scaling.min_replicas,
+                "initial_replicas": max(scaling.min_replicas, 1),
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s,
+            },
+        },
+    )
+
+
+def build_app(cfg: ServeConfig, state: StateDir) -> Application:
+    return build_openai_app(
+        {
+            "llm_configs": [llm_config(cfg, state)],
+            "ingress_cls_config": {
+                "ingress_cls": INGRESS_CLASS,
+                "ingress_extra_kwargs": {
+                    "api_key_hashes": load_key_hashes(cfg.auth),
+                    "max_model_len": cfg.engine.max_model_len,
+                },
+            },
+            # The ingress only routes; with its default CPU a 2-CPU node never schedules it
+            # next to the engine replica and its bundle.
+            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
+        }
+    )
+
+
+def app_builder(args: dict) -> Application:
+    """Entry for Serve config files: `args` = {config: <yaml path>, state_dir: <dir>}."""
+    cfg = load_config(args["config"], ServeConfig)
+    return build_app(cfg, StateDir.resolve(args.get("state_dir")))

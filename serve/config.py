@@ -1,0 +1,67 @@
+"""Serving configuration, validated from YAML like every other job config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cluster.config import ModelSettings, RegistrySettings, Section
+
+
+class EngineSettings(Section):
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="vLLM compute dtype. float32 on CPU: bf16 flips near-tied tokens."
+    )
+    max_model_len: int = Field(2048, ge=64, description="Context length (prompt + answer).")
+    enforce_eager: bool = Field(
+        True, description="Skip graph compilation: on CPU it costs ~2 min at every start."
+    )
+    kv_cache_gb: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE: KV cache per replica.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank an adapter may have.")
+    max_loras: int = Field(4, ge=1, description="Adapters held by one replica at once (LRU).")
+
+
+class AutoscalingSettings(Section):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound under load.")
+    target_ongoing_requests: float = Field(
+        4, gt=0, description="Requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(5, ge=0, description="Sustained load before adding replicas.")
+    downscale_delay_s: float = Field(60, ge=0, description="Idle time before removing replicas.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class AuthSettings(Section):
+    api_keys_env: str = Field(
+        "FEDFORGE_API_KEYS", description="Env var holding comma-separated keys or sha256 hashes."
+    )
+    api_keys_file: str | None = Field(
+        None, description="File with one key or `sha256:<hex>` per line (hashes preferred)."
+    )
+    required: bool = Field(True, description="Refuse to start without at least one key.")
+
+
+class ServeConfig(Section):
+    name: str = Field("fedforge", description="Ray Serve application name.")
+    model_id: str = Field("fedforge-base", description="Model id clients ask for.")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where vLLM runs.")
+    cpus_per_replica: int = Field(1, ge=1, description="CPUs in each replica's bundle.")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="Requests one replica takes before the router queues or refuses."
+    )
+    http_host: str = Field("127.0.0.1", description="Serve HTTP proxy host.")
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP proxy port.")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
