@@ -49,6 +49,7 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gb)}},
         deployment_config={
             "max_ongoing_requests": cfg.max_ongoing_requests,
+            "max_queued_requests": cfg.max_queued_requests,
             "autoscaling_config": {
                 "min_replicas": scaling.min_replicas,
                 "initial_replicas": max(scaling.min_replicas, 1),

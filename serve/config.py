@@ -59,7 +59,13 @@ class ServeConfig(Section):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     max_ongoing_requests: int = Field(
-        16, ge=1, description="Requests one replica takes before the router queues or refuses."
+        16, ge=1, description="Requests one replica works on at once; more wait in its queue."
+    )
+    max_queued_requests: int = Field(
+        32,
+        ge=1,
+        description="Requests allowed to wait for a replica; past it the endpoint answers 503 "
+        "with Retry-After instead of queueing without bound.",
     )
     http_host: str = Field("127.0.0.1", description="Serve HTTP proxy host.")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP proxy port.")

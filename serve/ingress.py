@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 from ray.llm._internal.common.utils.lora_utils import get_base_model_id
+from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
@@ -62,17 +63,34 @@ class KeyCheckedIngress(OpenAiIngress):
             )
         return body
 
+    async def _delegate(self, handler, body, request: Request) -> Response:
+        try:
+            return await handler(body, request)
+        except BackPressureError as exc:  # the engine replicas' queues are full
+            retry_after = str(max(1, round(exc.retry_after_s or 1)))
+            return openai_error(
+                503,
+                "The server is at capacity; retry after a short wait.",
+                type_="server_overloaded",
+                code="queue_full",
+                headers={"Retry-After": retry_after},
+            )
+
     async def chat(self, request: Request) -> Response:
         if refusal := self._refusal(request):
             return refusal
         body = await self._parsed(request, ChatCompletionRequest, "chat")
-        return body if isinstance(body, Response) else await super().chat(body, request)
+        if isinstance(body, Response):
+            return body
+        return await self._delegate(super().chat, body, request)
 
     async def completions(self, request: Request) -> Response:
         if refusal := self._refusal(request):
             return refusal
         body = await self._parsed(request, CompletionRequest, "completion")
-        return body if isinstance(body, Response) else await super().completions(body, request)
+        if isinstance(body, Response):
+            return body
+        return await self._delegate(super().completions, body, request)
 
     async def models(self, request: Request):
         return self._refusal(request) or await super().models()

@@ -135,3 +135,26 @@ def test_malformed_json_gets_4xx(endpoint):
         content=b"{not json",
     )
     assert 400 <= response.status_code < 500
+
+
+def test_past_the_queue_bound_requests_get_503_with_retry_after(endpoint):
+    import asyncio
+
+    async def one(client: httpx.AsyncClient):
+        return await client.post(
+            f"{endpoint}/completions",
+            headers=auth(),
+            timeout=120,
+            json={"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True},
+        )
+
+    async def burst():
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(one(client) for _ in range(12)))
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["code"] == "queue_full"
