@@ -1,0 +1,232 @@
+"""Serving latency and throughput: the bare vLLM OpenAI server against the fedforge endpoint.
+
+Same model, engine settings and machine, one after the other in one run (never both at once:
+they would share the CPUs). Each request is a streamed chat answer of exactly `--tokens`
+tokens; TTFT is the time to the first content chunk.
+
+    python scripts/bench_serve.py [--config configs/serve/demo.yaml] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster.config import load_config  # noqa: E402
+from cluster.state import StateDir  # noqa: E402
+from serve.app import resolve_model_source  # noqa: E402
+from serve.config import ServeConfig  # noqa: E402
+
+KEY = "sk-bench"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen, timeout_s: float = 600) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            if httpx.get(f"{base_url}/models", headers=headers, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{base_url} not ready after {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int):
+    body = {
+        "model": model,
+        "messages": QUESTION,
+        "max_tokens": tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    started = time.perf_counter()
+    ttft = None
+    async with client.stream(
+        "POST", f"{url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if ttft is None and line.startswith("data: ") and '"content"' in line:
+                ttft = time.perf_counter() - started
+    return ttft, time.perf_counter() - started
+
+
+async def sweep_level(url: str, model: str, concurrency: int, requests: int, tokens: int):
+    queue = asyncio.Queue()
+    for _ in range(requests):
+        queue.put_nowait(None)
+    results = []
+
+    async def worker(client):
+        while not queue.empty():
+            queue.get_nowait()
+            results.append(await one_request(client, url, model, tokens))
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    ttfts = [r[0] for r in results]
+    totals = [r[1] for r in results]
+    return {
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p99": max(ttfts) if len(ttfts) < 100 else statistics.quantiles(ttfts, n=100)[98],
+        "lat_p50": statistics.median(totals),
+        "lat_p99": max(totals) if len(totals) < 100 else statistics.quantiles(totals, n=100)[98],
+        "tok_s": requests * tokens / wall,
+    }
+
+
+def run_sweep(name: str, url: str, model: str, levels: list[int], tokens: int) -> list[dict]:
+    asyncio.run(sweep_level(url, model, 1, 2, tokens))  # warm-up
+    rows = []
+    for c in levels:
+        stats = asyncio.run(sweep_level(url, model, c, max(8, 2 * c), tokens))
+        rows.append({"server": name, "concurrency": c, **stats})
+        print(f"  {name} c={c}: {stats}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/serve/demo.yaml")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--levels", default="1,2,4,8,16")
+    args = parser.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    levels = [int(c) for c in args.levels.split(",")]
+    state = StateDir.resolve(REPO / ".fedforge")
+    logs = state.root / "bench"
+    logs.mkdir(exist_ok=True)
+    # One engine on each side: pin fedforge to one replica so autoscaling does not start a
+    # second engine mid-sweep on the same CPUs.
+    raw = yaml.safe_load((REPO / args.config).read_text())
+    raw["autoscaling"].update(min_replicas=1, max_replicas=1)
+    config_path = logs / "serve-one-replica.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config_path, ServeConfig)
+    engine_env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gb)}
+    rows, cold = [], {}
+
+    bare_port = cfg.http_port + 100
+    bare = start(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(bare_port),
+            "--model",
+            resolve_model_source(cfg.model.base, state),
+            "--served-model-name",
+            cfg.model_id,
+            "--dtype",
+            cfg.engine.dtype,
+            "--max-model-len",
+            str(cfg.engine.max_model_len),
+            "--enforce-eager",
+            "--api-key",
+            KEY,
+        ],
+        engine_env,
+        logs / "bare-vllm.log",
+    )
+    try:
+        url = f"http://127.0.0.1:{bare_port}/v1"
+        cold["bare vLLM"] = wait_ready(url, bare)
+        rows += run_sweep("bare vLLM", url, cfg.model_id, levels, args.tokens)
+    finally:
+        stop(bare)
+
+    fedforge = start(
+        [
+            sys.executable,
+            "-m",
+            "serve.deploy",
+            "--config",
+            str(REPO / args.config),
+            "--state-dir",
+            str(state.root),
+        ],
+        {"FEDFORGE_API_KEYS": KEY, "RAY_ADDRESS": ""},
+        logs / "fedforge-serve.log",
+    )
+    try:
+        url = f"http://{cfg.http_host}:{cfg.http_port}/v1"
+        cold["fedforge"] = wait_ready(url, fedforge)
+        rows += run_sweep("fedforge", url, cfg.model_id, levels, args.tokens)
+    finally:
+        stop(fedforge)
+
+    print(
+        f"\n{cfg.model.base} ({cfg.engine.dtype}), streamed chat answers of {args.tokens} "
+        f"tokens, {max(8, 2 * levels[0])}+ requests per level; cold start (process start to "
+        "ready): " + ", ".join(f"{k} {v:.0f} s" for k, v in cold.items())
+    )
+    print(
+        "| server | concurrency | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms "
+        "| output tok/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['server']} | {r['concurrency']} | {r['ttft_p50'] * 1000:.0f} | "
+            f"{r['ttft_p99'] * 1000:.0f} | {r['lat_p50'] * 1000:.0f} | "
+            f"{r['lat_p99'] * 1000:.0f} | {r['tok_s']:.1f} |"
+        )
+    base = {r["concurrency"]: r for r in rows if r["server"] == "bare vLLM"}
+    print("\n| concurrency | throughput vs bare | p50 latency vs bare |")
+    print("|---|---|---|")
+    for r in rows:
+        if r["server"] == "fedforge":
+            b = base[r["concurrency"]]
+            print(
+                f"| {r['concurrency']} | {r['tok_s'] / b['tok_s']:.2f}x | "
+                f"{r['lat_p50'] / b['lat_p50']:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
