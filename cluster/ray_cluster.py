@@ -10,10 +10,17 @@ import ray
 log = logging.getLogger(__name__)
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    metrics_export_port: int | None = None,
+) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS); without one, start a local head.
 
     Inside `ray job submit` Ray sets RAY_ADDRESS, so the job joins the cluster it was sent to.
+    `metrics_export_port` is where a local head serves Prometheus metrics (on a cluster it is
+    `ray start --metrics-export-port`).
     """
     if ray.is_initialized():
         return
@@ -23,7 +30,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         return
     # "local" always starts a fresh head, never silently joins a `ray start` cluster on the host.
     context = ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        log_to_driver=True,
+        _metrics_export_port=metrics_export_port,
     )
     dashboard = getattr(context, "dashboard_url", None)
     print(

@@ -69,5 +69,13 @@ class ServeConfig(Section):
     )
     http_host: str = Field("127.0.0.1", description="Serve HTTP proxy host.")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP proxy port.")
+    metrics_port: int = Field(
+        9464,
+        ge=1,
+        le=65535,
+        description="Prometheus scrape port (/metrics) of a local Ray head: Serve request counts "
+        "and errors by status, vLLM TTFT, inter-token latency, queue length. On a cluster, "
+        "`ray start --metrics-export-port` sets it per node.",
+    )
     auth: AuthSettings = Field(default_factory=AuthSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 yaml.safe_dump(serve_config_file(cfg, args.config, state), sort_keys=False)
             )
             return 0
-        connect(args.address)
+        connect(args.address, metrics_export_port=cfg.metrics_port)
         deploy(cfg, state)
     except (ConfigError, ApiKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,6 +6,8 @@ so the tests assert on protocol behaviour a client sees, not on text.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -26,13 +28,20 @@ def endpoint(provisioned, tmp_path_factory):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("FEDFORGE_API_KEYS", KEY)
     cfg = load_config("configs/serve/tiny.yaml", ServeConfig)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=cfg.metrics_port
+    )
     try:
         yield deploy(cfg, provisioned)
     finally:
         serve.shutdown()
         ray.shutdown()
         monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def metrics_url() -> str:
+    return f"http://127.0.0.1:{load_config('configs/serve/tiny.yaml', ServeConfig).metrics_port}"
 
 
 @pytest.fixture
@@ -158,3 +167,24 @@ def test_past_the_queue_bound_requests_get_503_with_retry_after(endpoint):
     refused = next(r for r in responses if r.status_code == 503)
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"]["code"] == "queue_full"
+
+
+def test_prometheus_metrics_cover_requests_errors_and_engine_latency(endpoint, client, metrics_url):
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    httpx.get(f"{endpoint}/models")  # a 401
+    wanted = [
+        "ray_serve_num_http_error_requests_total{",  # errors by status code
+        'error_code="401"',
+        "ray_serve_num_http_requests_total{",
+        "ray_vllm_time_to_first_token_seconds_count{",
+        "ray_vllm_inter_token_latency_seconds_count{",
+        "ray_vllm_num_requests_waiting{",  # queue length
+    ]
+    deadline = time.monotonic() + 60  # metrics are pushed to the agent every few seconds
+    while True:
+        text = httpx.get(f"{metrics_url}/metrics", timeout=10).text
+        missing = [w for w in wanted if w not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, missing
