@@ -13,9 +13,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-
 from cluster.config import ConfigError, FinetuneConfig, load_config
 from cluster.lineage import lineage_tags
 from cluster.ray_cluster import connect
@@ -25,7 +22,7 @@ from llm.data import DatasetError, dataset_sha256, load_examples
 from llm.evaluate import EvalResult, evaluate_heldout
 from llm.model import ModelNotFoundError, resolve_model_path
 from llm.run_identity import RunMismatchError, check_or_record, flatten
-from llm.train_loop import ADAPTER_SUBDIR, train_worker
+from llm.train_loop import ADAPTER_SUBDIR, make_trainer
 
 
 @dataclass(frozen=True)
@@ -50,25 +47,8 @@ def run_finetune(
     registry = Registry.from_settings(cfg.registry, state)
     params = {"config." + k: v for k, v in flatten(cfg.model_dump(mode="json")).items()}
     with registry.run(cfg.registry.experiment, cfg.name, params) as run_id:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "config": worker_cfg.model_dump(mode="json"),
-                "model_path": model_path,
-                "mlflow_run_id": run_id,
-                "tracking_uri": registry.tracking_uri,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.scaling.num_workers,
-                use_gpu=cfg.scaling.use_gpu,
-                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=cfg.name,
-                storage_path=str(state.ray_storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            ),
+        trainer = make_trainer(
+            worker_cfg, model_path, str(state.ray_storage), run_id, registry.tracking_uri
         )
         result = trainer.fit()
         if result.checkpoint is None:

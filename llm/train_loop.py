@@ -20,6 +20,8 @@ import torch
 from mlflow import MlflowClient, flush_async_logging
 from mlflow.entities import Metric
 from peft import set_peft_model_state_dict
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
 from cluster.config import FinetuneConfig
@@ -151,3 +153,32 @@ def train_worker(loop_config: dict) -> None:
             shutil.rmtree(new_checkpoint.path, ignore_errors=True)
     if mlflow:
         flush_async_logging()  # the worker process ends with this function
+
+
+def make_trainer(
+    cfg: FinetuneConfig, model_path: str, storage_path: str, mlflow_run_id: str, tracking_uri: str
+) -> TorchTrainer:
+    """The TorchTrainer for `cfg`: its workers, storage, checkpoint retention and retries.
+
+    `cfg.data.path` must be absolute: Ray Train workers do not run in the job's directory.
+    """
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "model_path": model_path,
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": tracking_uri,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+    )

@@ -21,8 +21,6 @@ from pathlib import Path
 import ray
 import torch
 import yaml
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,7 +29,7 @@ from cluster.config import FinetuneConfig  # noqa: E402
 from cluster.registry import Registry  # noqa: E402
 from cluster.state import StateDir  # noqa: E402
 from llm.model import load_tokenizer, resolve_model_path  # noqa: E402
-from llm.train_loop import train_worker  # noqa: E402
+from llm.train_loop import make_trainer  # noqa: E402
 from llm.training import (  # noqa: E402
     encoded_train_set,
     learning_rate,
@@ -74,19 +72,7 @@ def plain_loop(cfg: FinetuneConfig, model_path: str, warmup: int) -> list[float]
 def ray_train_loop(cfg: FinetuneConfig, model_path: str, state: StateDir, warmup: int):
     registry = Registry(state.default_tracking_uri(), state.mlflow_artifacts)
     with registry.run("bench", cfg.name, {}) as run_id:
-        TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "config": cfg.model_dump(mode="json"),
-                "model_path": model_path,
-                "mlflow_run_id": run_id,
-                "tracking_uri": registry.tracking_uri,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.scaling.num_workers, resources_per_worker={"CPU": 1}
-            ),
-            run_config=RunConfig(name=cfg.name, storage_path=str(state.ray_storage)),
-        ).fit()
+        make_trainer(cfg, model_path, str(state.ray_storage), run_id, registry.tracking_uri).fit()
     history = registry.client.get_metric_history(run_id, "tokens_per_s")
     return [m.value for m in sorted(history, key=lambda m: m.step)][warmup:]
 
