@@ -1,0 +1,103 @@
+"""One client's share of a round: start from the global adapter, train on its own partition.
+
+The model, data encoding, batching and the plain optimizer step are llm/'s; only the DP step
+(federated.privacy) differs, because Opacus needs per-example losses and Poisson batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel
+
+from cluster.state import StateDir
+from federated.adapter_state import adapter_to_arrays, arrays_to_adapter
+from federated.config import FederatedConfig
+from federated.partition import client_partitions
+from federated.privacy import History, dp_train_step, make_private
+from llm.data import encode_example
+from llm.lora import apply_lora
+from llm.model import load_model, load_tokenizer, resolve_model_path
+from llm.training import rank_batch, train_step
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    arrays: ArrayRecord
+    train_loss: float
+    steps: int  # cumulative over every round this client trained in
+    num_examples: int
+    history: History  # the accountant's, empty without local DP
+
+
+def lora_model(cfg: FederatedConfig, model_path: str, device: torch.device) -> PeftModel:
+    # Device move before peft wraps the model (opacus#820: the reverse corrupts LoRA updates).
+    base = load_model(model_path, cfg.model.dtype).to(device)
+    return apply_lora(base, cfg.lora, cfg.federation.seed)
+
+
+def _cycle(loader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:  # a Poisson loader's epoch is len(loader) draws; rounds may span several
+        yield from loader
+
+
+def train_round(
+    cfg: FederatedConfig,
+    state: StateDir,
+    partition_id: int,
+    global_arrays: ArrayRecord,
+    steps_done: int,
+    history: History,
+) -> LocalResult:
+    fed, dp = cfg.federation, cfg.privacy
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_path = resolve_model_path(cfg.model.base, state)
+    tokenizer = load_tokenizer(model_path)
+    examples = client_partitions(cfg)[partition_id]
+    encoded = [
+        encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in examples
+    ]
+    model = lora_model(cfg, model_path, device)
+    arrays_to_adapter(model, global_arrays)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=fed.learning_rate
+    )
+    losses: list[float] = []
+    if dp.mode == "local_dp":
+        model, optimizer, loader, engine = make_private(
+            model,
+            optimizer,
+            encoded,
+            batch_size=fed.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            noise_multiplier=cfg.noise_multiplier(),
+            max_grad_norm=dp.max_grad_norm,
+            accountant=dp.accountant,
+            history=history,
+        )
+        batches = _cycle(loader)
+        for _ in range(fed.local_steps):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = dp_train_step(model, optimizer, batch, fed.learning_rate)
+            if loss is not None:
+                losses.append(loss)
+        history = list(engine.accountant.history)
+    else:
+        for step in range(steps_done, steps_done + fed.local_steps):
+            # Steps continue across rounds, so each round sees the next batches of the epoch.
+            batch = rank_batch(
+                encoded, step, 0, 1, fed.batch_size, fed.seed + partition_id, tokenizer.pad_token_id
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses.append(float(train_step(model, optimizer, batch, fed.learning_rate)))
+    return LocalResult(
+        arrays=adapter_to_arrays(model),
+        train_loss=sum(losses) / len(losses) if losses else float("nan"),
+        steps=steps_done + fed.local_steps,
+        num_examples=len(examples),
+        history=history,
+    )

@@ -1,0 +1,159 @@
+"""Example-level DP-SGD with Opacus on the LoRA tensors, and its privacy accounting.
+
+Each client keeps its accountant's history in Flower's `context.state`, so epsilon accumulates
+over every round it trained in, not just the latest one.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from flwr.app import ConfigRecord
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader
+
+from llm.data import IGNORE_INDEX, collate
+
+History = list[tuple[float, float, int]]  # Opacus' (noise_multiplier, sample_rate, steps)
+
+
+def sample_rate(n_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate Opacus' DPDataLoader derives from a DataLoader (1 / len(loader))."""
+    return 1 / math.ceil(n_examples / batch_size)
+
+
+def epsilon_of(history: History, delta: float, accountant: str) -> float:
+    if not history:
+        return 0.0
+    fresh = create_accountant(mechanism=accountant)
+    fresh.history = list(history)
+    return float(fresh.get_epsilon(delta=delta))
+
+
+def recompute_epsilon(
+    steps: int, rate: float, noise_multiplier: float, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon from the logged numbers alone, independent of any training process."""
+    return epsilon_of([(noise_multiplier, rate, steps)], delta, accountant)
+
+
+def noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    rate: float,
+    steps: int,
+    accountant: str,
+    max_noise: float,
+) -> float:
+    """Noise multiplier meeting (target_epsilon, delta) after `steps`; ValueError saying why not."""
+    where = (
+        f"privacy.target_epsilon {target_epsilon} at delta {delta} over {steps} steps at "
+        f"sampling rate {rate:.4g}"
+    )
+    hint = "raise target_epsilon or delta, or train fewer rounds/local_steps or smaller batches"
+    try:
+        noise = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    except ValueError as exc:  # Opacus gives up above a noise multiplier of 1e6
+        raise ValueError(f"{where} cannot be met by any noise ({exc}): {hint}") from None
+    if noise > max_noise:
+        raise ValueError(
+            f"{where} needs noise multiplier {noise:.1f}, above {max_noise}: noise that large "
+            f"drowns the clipped gradients and the adapter learns nothing; {hint}"
+        )
+    return noise
+
+
+def history_to_record(history: History) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "noise": [float(h[0]) for h in history],
+            "rate": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history],
+        }
+    )
+
+
+def history_from_record(record: ConfigRecord | None) -> History:
+    if record is None:
+        return []
+    return list(zip(record["noise"], record["rate"], record["steps"], strict=True))
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    encoded: list[dict[str, list[int]]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    accountant: str,
+    history: History,
+):
+    """Opacus-wrap a LoRA model (already on its device) and its optimizer; resume accounting.
+
+    Returns (model, optimizer, Poisson-sampled loader, engine). Only parameters that require
+    grad (the LoRA tensors) get per-sample gradients.
+    """
+    engine = PrivacyEngine(accountant=accountant)
+    engine.accountant.history = list(history)
+    loader = DataLoader(
+        encoded, batch_size=batch_size, collate_fn=partial(collate, pad_token_id=pad_id)
+    )
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,  # the sampling the accountant's analysis assumes
+    )
+    return model, optimizer, loader, engine
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean answer-token loss of each example on its own.
+
+    Not the model's batch-wide token mean: there every example's gradient is scaled by the
+    token count of the whole batch, so one example would change the others' contributions.
+    """
+    targets = labels[:, 1:]
+    tokens = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        targets.flatten(),
+        reduction="none",
+        ignore_index=IGNORE_INDEX,
+    ).view(targets.shape)
+    counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return tokens.sum(dim=1) / counted
+
+
+def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -> float | None:
+    """One DP-SGD step; returns the batch's loss, or None when Poisson sampling drew nobody."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if batch["input_ids"].shape[0] == 0:
+        # Still a noisy step: skipping it would leak that the batch was empty. A transformer
+        # cannot run on zero rows, so hand Opacus the empty per-sample gradients directly.
+        for param in optimizer.params:
+            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = per_example_loss(logits, batch["labels"]).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())

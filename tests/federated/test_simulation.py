@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+from flwr.simulation import run_simulation
+
+from federated.client_app import build_client_app
+from federated.config import flower_run_config
+from federated.run_files import RunFiles
+from llm.lora import load_adapter
+from llm.model import load_model, resolve_model_path
+from tests.federated.conftest import write_config
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_one_dp_round_in_simulation_changes_the_adapter_and_reports_epsilon(tmp_path, state):
+    from federated.server_app import build_server_app
+
+    run_config = flower_run_config(write_config(tmp_path), state)
+
+    run_simulation(
+        server_app=build_server_app(run_config),
+        client_app=build_client_app(run_config),
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+
+    files = RunFiles(state, "tiny-federated")
+    [report] = files.rounds()
+    assert report["clients"] == 2 and not report["failed"] and not report["rejected"]
+    assert report["epsilon"] > 0 and np.isfinite(report["train_loss"])
+    base = resolve_model_path("tiny", state)
+    before, after = (
+        load_adapter(load_model(base), files.adapter_dir(r)).state_dict() for r in (0, 1)
+    )
+    lora = [k for k in before if "lora_" in k]
+    assert lora and any(not np.array_equal(before[k], after[k]) for k in lora)
