@@ -6,9 +6,12 @@ saved adapter directory and the registry all name the same tensors the same way.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import load_peft_weights
 
 OPACUS_PREFIX = "_module."  # Opacus' GradSampleModule keeps the wrapped model as `_module`
 
@@ -44,3 +47,9 @@ def arrays_to_adapter(model: torch.nn.Module, arrays: ArrayRecord) -> None:
             f"adapter does not fit the model: unexpected {result.unexpected_keys[:3]}, "
             f"missing {missing[:3]}"
         )
+
+
+def load_adapter_dir(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Load a saved adapter directory's tensors in place (same strictness as ArrayRecords)."""
+    tensors = load_peft_weights(str(adapter_dir), device="cpu")
+    arrays_to_adapter(model, ArrayRecord({k: v.contiguous() for k, v in tensors.items()}))

@@ -1,7 +1,7 @@
 """Federated job configuration: the shared cluster sections plus federation, partition, privacy.
 
-The YAML is validated once here; Flower's run config only carries the file path and the state dir
-(see `flower_run_config`), so a typo fails before any SuperNode starts, not mid-round.
+The YAML is validated once here, before any SuperNode starts, so a typo fails at submission and
+not mid-round; Flower's run config then carries the validated config (see `flower_run_config`).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import Field, model_validator
 
 from cluster.config import (
@@ -41,12 +42,58 @@ class FederationSettings(Section):
     )
     learning_rate: float = Field(2e-3, gt=0, description="Local AdamW learning rate.")
     seed: int = Field(0, description="Seed of the initial LoRA matrices and the local data order.")
+    initial_adapter: str | None = Field(
+        None,
+        description="Start from a registered adapter, '<model name>:<version or alias>' (e.g. "
+        "fedforge-demo:candidate); default: a fresh LoRA adapter. Its LoRA shape must match.",
+    )
     max_update_norm: float = Field(
         50.0,
         gt=0,
         description="L2 norm of (client adapter - global adapter) above which the server "
         "rejects the update as corrupt or malicious.",
     )
+
+
+class FlowerSettings(Section):
+    """Where the SuperLink listens and how SuperNodes prove who they are."""
+
+    host: str | None = Field(
+        None,
+        description="Name or IP outside SuperNodes use to reach the SuperLink (and the name in "
+        "its TLS certificate). Default: the IP of the Ray node the SuperLink runs on.",
+    )
+    fleet_port: int = Field(9092, ge=1, le=65535, description="Fleet API: SuperNodes connect here.")
+    control_port: int = Field(9093, ge=1, le=65535, description="Control API (loopback only).")
+    serverappio_port: int = Field(9091, ge=1, le=65535, description="ServerAppIo (loopback only).")
+    tls: bool = Field(
+        False, description="Serve the Fleet API over TLS; needed for supernode authentication."
+    )
+    certs_dir: str | None = Field(
+        None,
+        description="Directory with ca.crt, server.pem, server.key (python -m federated.certs "
+        "tls). Default: made per run for `host` under the run's folder.",
+    )
+    supernode_auth: bool = Field(
+        False, description="Only SuperNodes whose public key is registered may join."
+    )
+    authorized_keys: list[str] = Field(
+        default_factory=list,
+        description="Public key files (OpenSSH EC) of outside SuperNodes allowed to join.",
+    )
+    external_clients: int = Field(
+        0, ge=0, description="Outside SuperNodes expected besides the in-cluster ones."
+    )
+    cpus_per_supernode: float = Field(
+        0.5, gt=0, description="Ray CPUs reserved by each in-cluster SuperNode."
+    )
+    gpus_per_supernode: float = Field(0, ge=0, description="Ray GPUs per in-cluster SuperNode.")
+
+    @model_validator(mode="after")
+    def _auth_needs_tls(self) -> FlowerSettings:
+        if self.supernode_auth and not self.tls:
+            raise ValueError("flower.supernode_auth needs flower.tls: true (Flower's rule)")
+        return self
 
 
 class PartitionSettings(Section):
@@ -107,16 +154,19 @@ class FederatedConfig(Section):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     partition: PartitionSettings = Field(default_factory=PartitionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @model_validator(mode="after")
     def _nodes_fit(self) -> FederatedConfig:
         fed = self.federation
-        if max(fed.min_train_nodes, fed.min_available_nodes) > fed.num_clients:
+        nodes = fed.num_clients + self.flower.external_clients
+        if max(fed.min_train_nodes, fed.min_available_nodes) > nodes:
             raise ValueError(
                 f"federation.min_train_nodes ({fed.min_train_nodes}) and min_available_nodes "
-                f"({fed.min_available_nodes}) cannot exceed num_clients ({fed.num_clients})"
+                f"({fed.min_available_nodes}) cannot exceed num_clients ({fed.num_clients}) "
+                f"plus flower.external_clients ({self.flower.external_clients})"
             )
         return self
 
@@ -163,11 +213,23 @@ def load_federated_config(path: str | Path) -> FederatedConfig:
     return load_config(path, FederatedConfig)
 
 
-def flower_run_config(config_path: str | Path, state: StateDir) -> dict[str, str]:
-    """Flower's run config: where the validated YAML and the state dir are, nothing else."""
-    load_federated_config(config_path)  # refuse an invalid file before Flower sees it
-    return {"config": str(Path(config_path).resolve()), "state-dir": str(state.root)}
+def flower_run_config(cfg: FederatedConfig, state: StateDir) -> dict[str, str]:
+    """Flower's run config: the validated config itself (as YAML) and the server's state dir.
+
+    The config travels by value, not by path, so a SuperNode on another machine reads the same
+    settings; paths in it (data, model) are resolved on each node (see `from_run_config`).
+    """
+    return {"config-yaml": dump_config(cfg), "state-dir": str(state.root)}
 
 
-def from_run_config(run_config: dict) -> tuple[FederatedConfig, StateDir]:
-    return load_federated_config(run_config["config"]), StateDir.resolve(run_config["state-dir"])
+def dump_config(cfg: FederatedConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def from_run_config(
+    run_config: dict, node_config: dict | None = None
+) -> tuple[FederatedConfig, StateDir]:
+    """Config and state dir as a node sees them: a node's `state-dir` overrides the server's."""
+    cfg = FederatedConfig.model_validate(yaml.safe_load(run_config["config-yaml"]))
+    node_config = node_config or {}
+    return cfg, StateDir.resolve(node_config.get("state-dir") or run_config["state-dir"])

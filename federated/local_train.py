@@ -6,6 +6,7 @@ The model, data encoding, batching and the plain optimizer step are llm/'s; only
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,14 +14,12 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from cluster.state import StateDir
 from federated.adapter_state import adapter_to_arrays, arrays_to_adapter
 from federated.config import FederatedConfig
-from federated.partition import client_partitions
 from federated.privacy import History, dp_train_step, make_private
-from llm.data import encode_example
+from llm.data import Example, encode_example
 from llm.lora import apply_lora
-from llm.model import load_model, load_tokenizer, resolve_model_path
+from llm.model import load_model, load_tokenizer
 from llm.training import rank_batch, train_step
 
 
@@ -31,6 +30,7 @@ class LocalResult:
     steps: int  # cumulative over every round this client trained in
     num_examples: int
     history: History  # the accountant's, empty without local DP
+    seconds: float  # model load + local steps: the client's compute for the round
 
 
 def lora_model(cfg: FederatedConfig, model_path: str, device: torch.device) -> PeftModel:
@@ -46,17 +46,17 @@ def _cycle(loader) -> Iterator[dict[str, torch.Tensor]]:
 
 def train_round(
     cfg: FederatedConfig,
-    state: StateDir,
-    partition_id: int,
+    model_path: str,
+    examples: list[Example],
+    data_seed: int,
     global_arrays: ArrayRecord,
     steps_done: int,
     history: History,
 ) -> LocalResult:
+    started = time.perf_counter()
     fed, dp = cfg.federation, cfg.privacy
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_path = resolve_model_path(cfg.model.base, state)
     tokenizer = load_tokenizer(model_path)
-    examples = client_partitions(cfg)[partition_id]
     encoded = [
         encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in examples
     ]
@@ -90,7 +90,7 @@ def train_round(
         for step in range(steps_done, steps_done + fed.local_steps):
             # Steps continue across rounds, so each round sees the next batches of the epoch.
             batch = rank_batch(
-                encoded, step, 0, 1, fed.batch_size, fed.seed + partition_id, tokenizer.pad_token_id
+                encoded, step, 0, 1, fed.batch_size, data_seed, tokenizer.pad_token_id
             )
             batch = {k: v.to(device) for k, v in batch.items()}
             losses.append(float(train_step(model, optimizer, batch, fed.learning_rate)))
@@ -100,4 +100,5 @@ def train_round(
         steps=steps_done + fed.local_steps,
         num_examples=len(examples),
         history=history,
+        seconds=time.perf_counter() - started,
     )

@@ -157,3 +157,40 @@ def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+PRIVACY_FILE = "privacy.json"  # written into the registered adapter directory
+
+
+def privacy_record(cfg, rounds: list[dict]) -> dict:
+    """The run's privacy guarantee and how it grew: what the registry and `privacy report` show.
+
+    `epsilon` is the worst (largest) over clients and rounds: each client's guarantee is at
+    least this good. `steps` and `sample_rate` are the configured per-client totals.
+    """
+    dp = cfg.privacy
+    by_round = [
+        {
+            "round": r["round"],
+            "epsilon": r.get("epsilon"),
+            "clients": {str(c["partition"]): c.get("epsilon") for c in r.get("per_client", [])},
+        }
+        for r in rounds
+    ]
+    if dp.mode == "none":
+        return {"mode": "none", "epsilon": None, "delta": None, "by_round": by_round}
+    steps, rate = cfg.dp_steps_and_rate()
+    epsilons = [
+        e for r in by_round for e in (r["epsilon"], *r["clients"].values()) if e is not None
+    ]
+    return {
+        "mode": dp.mode,
+        "epsilon": max(epsilons, default=None),
+        "delta": dp.delta,
+        "noise_multiplier": cfg.noise_multiplier(),
+        "max_grad_norm": dp.max_grad_norm,
+        "sample_rate": rate,
+        "steps": steps,
+        "accountant": dp.accountant,
+        "by_round": by_round,
+    }

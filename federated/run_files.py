@@ -1,13 +1,17 @@
 """What a federated run leaves under the state dir: the adapter after every round and a log.
 
 <state>/federated/<name>/round-000/   initial adapter (adapter_config.json + safetensors)
-<state>/federated/<name>/round-NNN/   global adapter after round NNN
+<state>/federated/<name>/round-NNN/   global adapter after round NNN (written atomically)
 <state>/federated/<name>/rounds.jsonl one line per round: clients, loss, epsilon, seconds
+
+A round counts as saved once its adapter directory exists: it is renamed into place whole, and
+its log line is appended after it, so a crash between the two loses the line, not the round.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from federated.adapter_state import arrays_to_adapter
 from federated.strategy import RoundReport
 from llm.lora import save_adapter
 
+ROUND_DIR = re.compile(r"^round-(\d{3})$")
+
 
 class RunFiles:
     def __init__(self, state: StateDir, name: str) -> None:
@@ -28,16 +34,33 @@ class RunFiles:
     def adapter_dir(self, server_round: int) -> Path:
         return self.root / f"round-{server_round:03d}"
 
+    def latest_round(self) -> int | None:
+        """The last round whose adapter was saved (0: only the initial one), None if none."""
+        rounds = [int(m[1]) for p in self.root.iterdir() if (m := ROUND_DIR.match(p.name))]
+        return max(rounds, default=None)
+
     def save_adapter(self, model: PeftModel, arrays: ArrayRecord, server_round: int) -> Path:
         arrays_to_adapter(model, arrays)
         return save_adapter(model, self.adapter_dir(server_round))
 
     def append_round(self, report: RoundReport) -> None:
         line = {k: v for k, v in asdict(report).items() if k != "arrays"}
-        line["rejected"] = {str(k): v for k, v in report.rejected.items()}
-        with (self.root / "rounds.jsonl").open("a") as f:
+        with (self.rounds_log).open("a") as f:
             f.write(json.dumps(line) + "\n")
 
+    @property
+    def rounds_log(self) -> Path:
+        return self.root / "rounds.jsonl"
+
     def rounds(self) -> list[dict]:
-        path = self.root / "rounds.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        """Logged rounds, the latest line per round (a resumed run may repeat one)."""
+        if not self.rounds_log.exists():
+            return []
+        by_round: dict[int, dict] = {}
+        for line in self.rounds_log.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            by_round[entry["round"]] = entry
+        return [by_round[r] for r in sorted(by_round)]

@@ -6,12 +6,20 @@ config asks for it, then in GuardedStrategy (outermost, so bad replies never rea
 
 from __future__ import annotations
 
+import tempfile
+from logging import INFO
+from pathlib import Path
+
 import torch
-from flwr.app import Context, MetricRecord
+from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from federated.adapter_state import adapter_to_arrays
+from cluster.registry import Registry
+from cluster.state import StateDir
+from federated.adapter_state import adapter_to_arrays, load_adapter_dir
+from federated.client_app import ROUND_OFFSET_KEY
 from federated.config import FederatedConfig, from_run_config
 from federated.local_train import lora_model
 from federated.privacy import recompute_epsilon
@@ -56,6 +64,27 @@ def _epsilon_at(cfg: FederatedConfig):
     return epsilon_at
 
 
+def _start_adapter(cfg: FederatedConfig, state: StateDir, files: RunFiles, model) -> int:
+    """Load the adapter the rounds start from into `model`; returns the rounds already done.
+
+    A run that saved rounds before (it crashed or was stopped) continues from its last saved
+    round; a new run starts from the registered adapter named in the config, or a fresh one.
+    """
+    done = files.latest_round()
+    if done:
+        load_adapter_dir(model, files.adapter_dir(done))
+        log(INFO, "resuming %s after round %d (saved in %s)", cfg.name, done, files.root)
+        return done
+    if cfg.federation.initial_adapter:
+        name, _, ref = cfg.federation.initial_adapter.rpartition(":")
+        registry = Registry.from_settings(cfg.registry, state)
+        with tempfile.TemporaryDirectory() as tmp:
+            load_adapter_dir(model, registry.download(name, ref, Path(tmp)))
+        log(INFO, "starting from registered adapter %s", cfg.federation.initial_adapter)
+    files.save_adapter(model, adapter_to_arrays(model), 0)
+    return 0
+
+
 def build_server_app(run_config: dict[str, str] | None = None) -> ServerApp:
     """The ServerApp; `run_config` stands in for Flower's where none is passed (simulation)."""
     app = ServerApp()
@@ -65,21 +94,24 @@ def build_server_app(run_config: dict[str, str] | None = None) -> ServerApp:
         cfg, state = from_run_config({**(run_config or {}), **context.run_config})
         model = lora_model(cfg, resolve_model_path(cfg.model.base, state), torch.device("cpu"))
         files = RunFiles(state, cfg.name)
-        initial = adapter_to_arrays(model)
-        files.save_adapter(model, initial, 0)
+        done = _start_adapter(cfg, state, files, model)
+        if done >= cfg.federation.rounds:
+            log(INFO, "%s already finished its %d rounds", cfg.name, cfg.federation.rounds)
+            return
 
         def on_round(report) -> None:
-            files.append_round(report)
             if report.arrays is not None:
                 files.save_adapter(model, report.arrays, report.round)
+            files.append_round(report)
 
         strategy = GuardedStrategy(
-            _strategy(cfg), cfg.federation.max_update_norm, _epsilon_at(cfg), on_round
+            _strategy(cfg), cfg.federation.max_update_norm, _epsilon_at(cfg), on_round, done
         )
         strategy.start(
             grid=grid,
-            initial_arrays=initial,
-            num_rounds=cfg.federation.rounds,
+            initial_arrays=adapter_to_arrays(model),
+            num_rounds=cfg.federation.rounds - done,
+            train_config=ConfigRecord({ROUND_OFFSET_KEY: done}),
         )
 
     return app

@@ -23,12 +23,14 @@ from federated.validation import WEIGHT_KEY, update_problem
 class RoundReport:
     round: int
     clients: int
-    failed: list[int]
-    rejected: dict[int, str]
+    failed: dict[int, str]  # node id -> why its reply failed (e.g. the SuperNode died)
+    rejected: dict[int, str]  # node id -> why its update was refused
     train_loss: float | None
     epsilon: float | None
     seconds: float
-    arrays: ArrayRecord | None = field(repr=False)
+    slowest_client_seconds: float | None
+    per_client: list[dict] = field(default_factory=list)  # partition, epsilon, steps, loss, s
+    arrays: ArrayRecord | None = field(default=None, repr=False)
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -47,6 +49,18 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return out
 
 
+def _client_summary(node: int, content: RecordDict) -> dict:
+    metrics = next(iter(content.metric_records.values()))  # validated: exactly one
+    return {
+        "node": node,
+        "partition": int(metrics.get("partition-id", -1)),
+        "train_loss": float(metrics.get("train_loss", float("nan"))),
+        "steps": int(metrics.get("steps", 0)),
+        "epsilon": float(metrics["epsilon"]) if "epsilon" in metrics else None,
+        "train_seconds": float(metrics.get("train-seconds", 0.0)),
+    }
+
+
 class GuardedStrategy(Strategy):
     def __init__(
         self,
@@ -54,8 +68,10 @@ class GuardedStrategy(Strategy):
         max_update_norm: float,
         epsilon_at: Callable[[int, MetricRecord | None], float | None],
         on_round: Callable[[RoundReport], None],
+        round_offset: int = 0,
     ) -> None:
         self.inner = inner
+        self.round_offset = round_offset  # rounds saved by an earlier, interrupted run
         self.max_update_norm = max_update_norm
         self.epsilon_at = epsilon_at
         self.on_round = on_round
@@ -71,11 +87,13 @@ class GuardedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, rejected, failed = [], {}, []
+        server_round += self.round_offset
+        kept, rejected, failed, per_client = [], {}, {}, []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                failed.append(node)
+                failed[node] = reply.error.reason
+                log(WARNING, "round %d: node %d dropped out: %s", server_round, node, failed[node])
                 kept.append(reply)  # the inner strategy decides what a failure means
                 continue
             problem = update_problem(self._global, reply.content, self.max_update_norm)
@@ -90,6 +108,7 @@ class GuardedStrategy(Strategy):
                 rejected[node] = problem
             else:
                 kept.append(reply)
+                per_client.append(_client_summary(node, reply.content))
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
         report = RoundReport(
             round=server_round,
@@ -99,6 +118,8 @@ class GuardedStrategy(Strategy):
             train_loss=float(metrics["train_loss"]) if metrics else None,
             epsilon=self.epsilon_at(server_round, metrics),
             seconds=time.monotonic() - self._started,
+            slowest_client_seconds=max((c["train_seconds"] for c in per_client), default=None),
+            per_client=per_client,
             arrays=arrays,
         )
         log(

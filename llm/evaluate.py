@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
-from cluster.config import FinetuneConfig
 from llm.data import Example, collate, encode_example, load_examples, render_prompt, split_examples
 from llm.lora import load_adapter
 from llm.model import load_model, load_tokenizer
@@ -125,8 +125,11 @@ def evaluate(
     )
 
 
-def evaluate_heldout(cfg: FinetuneConfig, model_path: str, adapter_dir: Path | None) -> EvalResult:
-    """Held-out metrics of the base model (adapter_dir None) or of base + adapter."""
+def evaluate_heldout(cfg: BaseModel, model_path: str, adapter_dir: Path | None) -> EvalResult:
+    """Held-out metrics of the base model (adapter_dir None) or of base + adapter.
+
+    `cfg` is any job config with `model`, `data` and `eval` sections (fine-tuning, federated).
+    """
     split = split_examples(
         load_examples(cfg.data.path), cfg.data.validation_fraction, cfg.data.split_seed
     )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 
-from cluster.config import FinetuneConfig
+from pydantic import BaseModel
 
 IDENTITY_FILE = "fedforge_run_identity.json"
 # Keys that may change between submissions of one run: how long, how often, how it is judged.
@@ -42,18 +43,29 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def identity(cfg: FinetuneConfig) -> dict[str, object]:
+def identity(
+    cfg: BaseModel, mutable: Collection[str] = MUTABLE, sections: tuple[str, ...] = MUTABLE_SECTIONS
+) -> dict[str, object]:
     return {
         key: value
         for key, value in flatten(cfg.model_dump(mode="json")).items()
-        if key not in MUTABLE and not key.startswith(MUTABLE_SECTIONS)
+        if key not in mutable and not key.startswith(sections)
     }
 
 
-def check_or_record(cfg: FinetuneConfig, run_dir: Path) -> None:
-    """Record the run's identity on first start; on a resume, refuse an incompatible config."""
+def check_or_record(
+    cfg: BaseModel,
+    run_dir: Path,
+    mutable: Collection[str] = MUTABLE,
+    sections: tuple[str, ...] = MUTABLE_SECTIONS,
+) -> None:
+    """Record the run's identity on first start; on a resume, refuse an incompatible config.
+
+    `mutable` keys and keys under `sections` may change between submissions (the defaults are
+    the fine-tuning job's).
+    """
     path = run_dir / IDENTITY_FILE
-    current = identity(cfg)
+    current = identity(cfg, mutable, sections)
     if path.is_file():
         recorded = json.loads(path.read_text())
         changed = sorted(

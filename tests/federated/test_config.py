@@ -1,7 +1,7 @@
 import pytest
 
 from cluster.config import ConfigError
-from federated.config import flower_run_config, load_federated_config
+from federated.config import flower_run_config, from_run_config, load_federated_config
 from tests.federated.conftest import REPO, write_config
 
 
@@ -52,6 +52,16 @@ def test_reachable_target_gives_the_noise_that_meets_it(tmp_path):
     assert 3.9 < epsilon <= 4.0
 
 
-def test_flower_run_config_names_only_the_file_and_state(tmp_path, state):
-    path = write_config(tmp_path)
-    assert flower_run_config(path, state) == {"config": str(path), "state-dir": str(state.root)}
+def test_run_config_carries_the_config_and_a_node_may_use_its_own_state_dir(tmp_path, state):
+    cfg = load_federated_config(write_config(tmp_path))
+    run_config = flower_run_config(cfg, state)
+
+    assert from_run_config(run_config) == (cfg, state)
+    node_state = tmp_path / "client-state"
+    _, seen = from_run_config(run_config, {"state-dir": str(node_state)})
+    assert seen.root == node_state
+
+
+def test_supernode_auth_without_tls_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="supernode_auth needs flower.tls"):
+        load_federated_config(write_config(tmp_path, flower={"supernode_auth": True}))

@@ -75,8 +75,12 @@ def test_epsilon_grows_with_steps_and_matches_opacus_recomputation(private_tiny)
 
 
 def test_budget_accumulates_across_rounds_for_a_client(state, tiny_config):
-    round_1 = train_round(tiny_config, state, 0, _initial(state, tiny_config), 0, [])
-    round_2 = train_round(tiny_config, state, 0, round_1.arrays, round_1.steps, round_1.history)
+    model_path = resolve_model_path("tiny", state)
+    data = client_partitions(tiny_config)[0]
+    round_1 = train_round(tiny_config, model_path, data, 0, _initial(state, tiny_config), 0, [])
+    round_2 = train_round(
+        tiny_config, model_path, data, 0, round_1.arrays, round_1.steps, round_1.history
+    )
     steps = tiny_config.federation.local_steps
     assert (round_1.steps, round_2.steps) == (steps, 2 * steps)
     rate = sample_rate(len(client_partitions(tiny_config)[0]), tiny_config.federation.batch_size)

@@ -3,7 +3,7 @@ import pytest
 from flwr.simulation import run_simulation
 
 from federated.client_app import build_client_app
-from federated.config import flower_run_config
+from federated.config import flower_run_config, load_federated_config
 from federated.run_files import RunFiles
 from llm.lora import load_adapter
 from llm.model import load_model, resolve_model_path
@@ -15,7 +15,7 @@ from tests.federated.conftest import write_config
 def test_one_dp_round_in_simulation_changes_the_adapter_and_reports_epsilon(tmp_path, state):
     from federated.server_app import build_server_app
 
-    run_config = flower_run_config(write_config(tmp_path), state)
+    run_config = flower_run_config(load_federated_config(write_config(tmp_path)), state)
 
     run_simulation(
         server_app=build_server_app(run_config),
