@@ -149,6 +149,11 @@ def main() -> None:
     rows, cold = [], {}
 
     bare_port = cfg.http_port + 100
+    # Same engine on both sides: the endpoint enables LoRA when it serves registry adapters.
+    lora_flags = []
+    if cfg.adapters.enabled:
+        lora_flags = ["--enable-lora", f"--max-loras={cfg.engine.max_loras}"]
+        lora_flags.append(f"--max-lora-rank={cfg.engine.max_lora_rank}")
     bare = start(
         [
             sys.executable,
@@ -167,6 +172,7 @@ def main() -> None:
             "--max-model-len",
             str(cfg.engine.max_model_len),
             "--enforce-eager",
+            *lora_flags,
             "--api-key",
             KEY,
         ],

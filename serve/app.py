@@ -12,10 +12,13 @@ from ray.serve.llm import LLMConfig, build_openai_app
 
 from cluster.config import load_config
 from cluster.state import StateDir
+from serve.adapter_loader import STORE_KEY
+from serve.adapters import AdapterSource
 from serve.api_keys import load_key_hashes
 from serve.config import ServeConfig
 
 INGRESS_CLASS = "serve.ingress:KeyCheckedIngress"
+ADAPTER_SERVER_CLASS = "serve.adapter_loader:AdapterLLMServer"
 
 
 def resolve_model_source(base: str, state: StateDir) -> str:
@@ -27,8 +30,48 @@ def resolve_model_source(base: str, state: StateDir) -> str:
     return base
 
 
+def tracking_uri(cfg: ServeConfig, state: StateDir) -> str:
+    return cfg.registry.tracking_uri or state.default_tracking_uri()
+
+
+def adapter_options(cfg: ServeConfig, state: StateDir) -> dict:
+    """The LLMConfig fields that turn on registry adapters (multi-LoRA); empty when disabled."""
+    if not cfg.adapters.enabled:
+        return {}
+    cache_dir = cfg.adapters.cache_dir or str(state.root / "serve" / "adapters")
+    return {
+        # No dynamic_lora_loading_path: AdapterLLMServer fetches from the registry instead.
+        "lora_config": {"max_num_adapters_per_replica": cfg.adapters.max_per_replica},
+        "server_cls": ADAPTER_SERVER_CLASS,
+        "experimental_configs": {
+            STORE_KEY: {"tracking_uri": tracking_uri(cfg, state), "cache_dir": cache_dir}
+        },
+    }
+
+
+def adapter_source(cfg: ServeConfig, state: StateDir) -> AdapterSource | None:
+    if not cfg.adapters.enabled:
+        return None
+    return AdapterSource(
+        tracking_uri=tracking_uri(cfg, state),
+        base_id=cfg.model_id,
+        base_model=cfg.model.base if cfg.adapters.same_base_only else None,
+        models=tuple(cfg.adapters.models) if cfg.adapters.models is not None else None,
+        refresh_seconds=cfg.adapters.refresh_seconds,
+    )
+
+
 def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
     scaling = cfg.autoscaling
+    lora_engine = (
+        {
+            "enable_lora": True,
+            "max_loras": cfg.engine.max_loras,
+            "max_lora_rank": cfg.engine.max_lora_rank,
+        }
+        if cfg.adapters.enabled
+        else {}
+    )
     return LLMConfig(
         model_loading_config={
             "model_id": cfg.model_id,
@@ -45,6 +88,7 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
             "dtype": cfg.engine.dtype,
             "max_model_len": cfg.engine.max_model_len,
             "enforce_eager": cfg.engine.enforce_eager,
+            **lora_engine,
         },
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gb)}},
         deployment_config={
@@ -59,6 +103,7 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
                 "downscale_delay_s": scaling.downscale_delay_s,
             },
         },
+        **adapter_options(cfg, state),
     )
 
 
@@ -71,6 +116,7 @@ def build_app(cfg: ServeConfig, state: StateDir) -> Application:
                 "ingress_extra_kwargs": {
                     "api_key_hashes": load_key_hashes(cfg.auth),
                     "max_model_len": cfg.engine.max_model_len,
+                    "adapter_source": adapter_source(cfg, state),
                 },
             },
             # The ingress only routes; with its default CPU a 2-CPU node never schedules it

@@ -18,8 +18,12 @@ class EngineSettings(Section):
         True, description="Skip graph compilation: on CPU it costs ~2 min at every start."
     )
     kv_cache_gb: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE: KV cache per replica.")
-    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank an adapter may have.")
-    max_loras: int = Field(4, ge=1, description="Adapters held by one replica at once (LRU).")
+    max_lora_rank: int = Field(
+        16, ge=1, description="vLLM max_lora_rank: largest LoRA rank an adapter may have."
+    )
+    max_loras: int = Field(
+        4, ge=1, description="vLLM max_loras: adapters one batch may mix (LRU in the engine)."
+    )
 
 
 class AutoscalingSettings(Section):
@@ -48,6 +52,39 @@ class AuthSettings(Section):
         None, description="File with one key or `sha256:<hex>` per line (hashes preferred)."
     )
     required: bool = Field(True, description="Refuse to start without at least one key.")
+
+
+class AdapterSettings(Section):
+    enabled: bool = Field(
+        True,
+        description="Serve the registry's LoRA adapters next to the base model: `<name>` is the "
+        "version aliased `production`, `<name>:<version>` a fixed version.",
+    )
+    refresh_seconds: float = Field(
+        10,
+        gt=0,
+        description="How often the ingress re-reads the registry; a promote or rollback is served "
+        "within this interval, without restarting replicas.",
+    )
+    models: list[str] | None = Field(
+        None, description="Registered model names to serve; null serves every registered model."
+    )
+    same_base_only: bool = Field(
+        True,
+        description="Skip versions whose `fedforge.base_model` lineage tag names another base "
+        "model: vLLM cannot load them. Versions without the tag are served.",
+    )
+    max_per_replica: int = Field(
+        8,
+        ge=1,
+        description="Adapters one replica keeps loaded (Ray Serve multiplexing, least recently "
+        "used evicted); requests prefer replicas that already hold their adapter.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where replicas keep downloaded adapter versions. Default: "
+        "<state dir>/serve/adapters (each node writes its own copy).",
+    )
 
 
 class ServeConfig(Section):
@@ -79,3 +116,12 @@ class ServeConfig(Section):
     )
     auth: AuthSettings = Field(default_factory=AuthSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+
+    @model_validator(mode="after")
+    def _adapter_model_ids(self) -> ServeConfig:
+        if ":" in self.model_id:
+            raise ValueError(
+                f"model_id '{self.model_id}' must not contain ':' (it separates adapter versions)"
+            )
+        return self

@@ -2,20 +2,22 @@
 
 Ray Serve LLM has no key check (ray-project/ray#55369); its maintainers point to a custom ingress
 class. This one keeps the stock constructor, checks `Authorization: Bearer` on every model route,
-parses bodies itself so bad ones get a 400 (see serve.errors), then delegates to the stock
-handlers.
+parses bodies itself so bad ones get a 400 (see serve.errors), resolves registry adapter ids
+(see serve.adapters), then delegates to the stock handlers.
 """
 
 from __future__ import annotations
 
 from fastapi import Request, Response
-from ray.llm._internal.common.utils.lora_utils import get_base_model_id
+from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
 from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from serve.adapters import AdapterSource, AdapterTable, AdapterWatcher
 from serve.api_keys import is_authorized
 from serve.errors import BadRequest, openai_error, parse_body
+from serve.relabel import relabel
 
 
 class KeyCheckedIngress(OpenAiIngress):
@@ -27,11 +29,34 @@ class KeyCheckedIngress(OpenAiIngress):
         lora_paths=None,
         api_key_hashes=(),
         max_model_len=2048,
+        adapter_source: AdapterSource | None = None,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         self._key_hashes = list(api_key_hashes)
         self._max_model_len = max_model_len
+        (self._base_id,) = self._model_cards  # one base model per app
+        self._adapters = AdapterWatcher(adapter_source) if adapter_source else None
+
+    def _table(self) -> AdapterTable:
+        """The current snapshot; take it once per request so one answer sees one table."""
+        return self._adapters.table if self._adapters else AdapterTable()
+
+    def _card(self, model: str, table: AdapterTable) -> ModelCard | None:
+        """The base model's card, or one for an adapter id (None when unknown)."""
+        if model in self._model_cards:
+            return self._model_cards[model]
+        route = table.resolve(model)
+        if route is None:
+            return None
+        metadata = {
+            "base_model_id": self._base_id,
+            "adapter": route.name,
+            "version": route.version,
+            "resolves_to": route.versioned_id,
+        }
+        owner = self._model_cards[self._base_id].owned_by
+        return ModelCard(id=model, object="model", owned_by=owner, permission=[], metadata=metadata)
 
     def _refusal(self, request: Request) -> Response | None:
         if is_authorized(request.headers.get("authorization"), self._key_hashes):
@@ -43,25 +68,27 @@ class KeyCheckedIngress(OpenAiIngress):
         )
 
     async def _parsed(self, request: Request, model, kind: str):
-        """The parsed body, or the error response to send instead."""
+        """(body with the engine's model id, id that answers), or the error response instead."""
         try:
             body = await parse_body(request, model, kind, self._max_model_len)
         except BadRequest as exc:
             return openai_error(400, exc.message, param=exc.param)
-        known = (
-            body.model is None
-            or body.model in self._model_cards
-            or (get_base_model_id(body.model) in self._lora_paths)
-        )
-        if not known:
-            available = ", ".join(sorted(self._model_cards))
+        if body.model is None or body.model in self._model_cards:
+            return body, self._base_id
+        table = self._table()
+        route = table.resolve(body.model)
+        if route is None:
+            available = ", ".join([self._base_id, *table.ids()])
             return openai_error(
                 404,
                 f"The model '{body.model}' does not exist. Available: {available}.",
                 param="model",
                 code="model_not_found",
             )
-        return body
+        # Resolved here, once: the whole request runs on this version even if `production`
+        # moves while it streams.
+        body = body.model_copy(update={"model": route.engine_id(self._base_id)})
+        return body, route.versioned_id
 
     async def _delegate(self, handler, body, request: Request) -> Response:
         try:
@@ -76,24 +103,34 @@ class KeyCheckedIngress(OpenAiIngress):
                 headers={"Retry-After": retry_after},
             )
 
-    async def chat(self, request: Request) -> Response:
+    async def _generate(self, handler, request: Request, model, kind: str) -> Response:
         if refusal := self._refusal(request):
             return refusal
-        body = await self._parsed(request, ChatCompletionRequest, "chat")
-        if isinstance(body, Response):
-            return body
-        return await self._delegate(super().chat, body, request)
+        parsed = await self._parsed(request, model, kind)
+        if isinstance(parsed, Response):
+            return parsed
+        body, answering_id = parsed
+        response = await self._delegate(handler, body, request)
+        return relabel(response, body.model or self._base_id, answering_id)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(super().chat, request, ChatCompletionRequest, "chat")
 
     async def completions(self, request: Request) -> Response:
-        if refusal := self._refusal(request):
-            return refusal
-        body = await self._parsed(request, CompletionRequest, "completion")
-        if isinstance(body, Response):
-            return body
-        return await self._delegate(super().completions, body, request)
+        return await self._generate(super().completions, request, CompletionRequest, "completion")
 
     async def models(self, request: Request):
-        return self._refusal(request) or await super().models()
+        if refusal := self._refusal(request):
+            return refusal
+        table = self._table()
+        return ModelList(data=[self._card(m, table) for m in [*self._model_cards, *table.ids()]])
 
     async def model_data(self, model: str, request: Request):
-        return self._refusal(request) or await super().model_data(model)
+        if refusal := self._refusal(request):
+            return refusal
+        card = self._card(model, self._table())
+        if card is None:
+            return openai_error(
+                404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
+            )
+        return card

@@ -1,7 +1,8 @@
 """The real app: Ray Serve LLM + the vLLM CPU engine on the tiny model, over real HTTP.
 
 Started once for the module (about 45-60 s on 2 cores); the answers of a random model are noise,
-so the tests assert on protocol behaviour a client sees, not on text.
+so the tests assert on protocol behaviour a client sees, not on text, and on log-probs to tell
+which LoRA adapter answered. The app reads its adapters from a fresh registry of its own.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.config import load_config
+from cluster.config import RegistrySettings, load_config
+from cluster.registry import Registry
 from serve.config import ServeConfig
 from serve.deploy import deploy
+from serve.relabel import MODEL_HEADER
+from tests.serve.conftest import register
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 KEY = "sk-fedforge-test"
@@ -24,10 +28,23 @@ MODEL = "fedforge-tiny"
 
 
 @pytest.fixture(scope="module")
-def endpoint(provisioned, tmp_path_factory):
+def registry(tmp_path_factory) -> Registry:
+    root = tmp_path_factory.mktemp("registry")
+    return Registry(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def endpoint(provisioned, registry, tmp_path_factory):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("FEDFORGE_API_KEYS", KEY)
     cfg = load_config("configs/serve/tiny.yaml", ServeConfig)
+    cache = tmp_path_factory.mktemp("adapter-cache")
+    cfg = cfg.model_copy(
+        update={
+            "registry": RegistrySettings(tracking_uri=registry.tracking_uri),
+            "adapters": cfg.adapters.model_copy(update={"cache_dir": str(cache)}),
+        }
+    )
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=cfg.metrics_port
     )
@@ -92,7 +109,7 @@ def test_streaming_ends_with_done(endpoint, client):
 
 def test_models_lists_the_served_model(endpoint):
     listed = httpx.get(f"{endpoint}/models", headers=auth()).json()
-    assert [m["id"] for m in listed["data"]] == [MODEL]
+    assert [m["id"] for m in listed["data"]][0] == MODEL
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"}])
@@ -188,3 +205,130 @@ def test_prometheus_metrics_cover_requests_errors_and_engine_latency(endpoint, c
             break
         time.sleep(2)
     assert not missing, missing
+
+
+# -- LoRA adapters from the registry ----------------------------------------------------------
+
+ADAPTER = "ticket-router"
+PROMPT = "Route this ticket"
+
+
+def wait_for(predicate, timeout: float = 30, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
+
+
+@pytest.fixture(scope="module")
+def expected_logprobs(provisioned, tiny_adapters) -> list[float]:
+    """Greedy first-token log-prob of PROMPT computed with peft, for adapter v1 and v2."""
+    import torch
+
+    from llm.lora import load_adapter
+    from llm.model import load_model, load_tokenizer
+
+    ids = load_tokenizer(str(provisioned.tiny_model))(PROMPT, return_tensors="pt").input_ids
+    found = []
+    for adapter in tiny_adapters:
+        model = load_adapter(load_model(str(provisioned.tiny_model)), adapter).eval()
+        with torch.no_grad():
+            found.append(torch.log_softmax(model(ids).logits[0, -1], -1).max().item())
+    assert abs(found[0] - found[1]) > 0.01, found  # else the test could not tell them apart
+    return found
+
+
+def first_token(client: openai.OpenAI, model: str) -> tuple[float, str, str]:
+    """(greedy first-token log-prob, X-Fedforge-Model header, `model` field of the answer)."""
+    raw = client.completions.with_raw_response.create(
+        model=model, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1
+    )
+    reply = raw.parse()
+    return reply.choices[0].logprobs.token_logprobs[0], raw.headers[MODEL_HEADER], reply.model
+
+
+def engine_replicas() -> set[str]:
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "LLMServer" in a["name"]
+    }
+
+
+@pytest.fixture(scope="module")
+def versions(endpoint, registry, tiny_adapters) -> list[str]:
+    """v1 and v2 of ADAPTER registered while the app serves, v1 promoted to production."""
+    found = [register(registry, adapter, ADAPTER) for adapter in tiny_adapters]
+    registry.promote(ADAPTER, found[0])
+
+    def listed():
+        ids = [m["id"] for m in httpx.get(f"{endpoint}/models", headers=auth()).json()["data"]]
+        return ADAPTER in ids
+
+    assert wait_for(listed), "the endpoint never listed the registered adapter"
+    return found
+
+
+def test_production_alias_and_versions_are_served(client, versions, expected_logprobs):
+    v1, v2 = versions
+    assert first_token(client, MODEL)[1:] == (MODEL, MODEL)  # also warms the log-prob path up
+    started = time.monotonic()
+    logprob, header, model = first_token(client, f"{ADAPTER}:{v1}")
+    cold = time.monotonic() - started
+    assert (header, model) == (f"{ADAPTER}:{v1}", f"{ADAPTER}:{v1}")
+    assert logprob == pytest.approx(expected_logprobs[0], abs=1e-3)
+    started = time.monotonic()
+    assert first_token(client, ADAPTER) == (logprob, f"{ADAPTER}:{v1}", f"{ADAPTER}:{v1}")
+    warm = time.monotonic() - started
+    print(f"[adapters] first request (cold load) {cold:.2f} s, warm request {warm:.2f} s")
+    logprob2, header2, _ = first_token(client, f"{ADAPTER}:{v2}")
+    assert header2 == f"{ADAPTER}:{v2}"
+    assert logprob2 == pytest.approx(expected_logprobs[1], abs=1e-3)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=ADAPTER, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True
+        )
+    )
+    assert chunks and {c.model for c in chunks} == {f"{ADAPTER}:{v1}"}
+
+
+def test_models_lists_base_alias_and_version_ids(endpoint, versions):
+    listed = httpx.get(f"{endpoint}/models", headers=auth()).json()["data"]
+    assert [m["id"] for m in listed] == [MODEL, ADAPTER, *(f"{ADAPTER}:{v}" for v in versions)]
+    card = httpx.get(f"{endpoint}/models/{ADAPTER}", headers=auth()).json()
+    assert card["metadata"]["resolves_to"] == f"{ADAPTER}:{versions[0]}"
+
+
+def test_promote_and_rollback_reroute_without_restarting(
+    client, registry, versions, expected_logprobs
+):
+    v1, v2 = versions
+    replicas = engine_replicas()
+    assert replicas
+
+    def serves(version: str, expected: float) -> float:
+        started = time.monotonic()
+        answered = wait_for(lambda: first_token(client, ADAPTER)[1] == f"{ADAPTER}:{version}")
+        assert answered, f"'{ADAPTER}' never moved to v{version}"
+        switch = time.monotonic() - started
+        assert first_token(client, ADAPTER)[0] == pytest.approx(expected, abs=1e-3)
+        return switch
+
+    registry.promote(ADAPTER, v2)
+    promoted = serves(v2, expected_logprobs[1])
+    registry.rollback(ADAPTER)
+    rolled_back = serves(v1, expected_logprobs[0])
+    print(f"[adapters] routing switch: promote {promoted:.2f} s, rollback {rolled_back:.2f} s")
+    refresh = load_config("configs/serve/tiny.yaml", ServeConfig).adapters.refresh_seconds
+    assert max(promoted, rolled_back) < refresh + 5
+    assert engine_replicas() == replicas  # same replica actors: nothing restarted
+
+
+def test_unknown_adapter_gets_openai_404_listing_ids(client, versions):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model=f"{ADAPTER}:999", prompt="hi", max_tokens=1)
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    for known in (MODEL, ADAPTER, *(f"{ADAPTER}:{v}" for v in versions)):
+        assert known in error["message"]
