@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cluster.jobs import run_local, submit_and_follow
+from cluster.privacy_cli import privacy_app
 from cluster.registry_cli import registry_app
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(registry_app, name="registry")
+app.add_typer(privacy_app, name="privacy")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML job config.")]
 StateOpt = Annotated[
@@ -55,6 +57,13 @@ def finetune(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressO
     """LoRA fine-tuning on Ray Train; registers the adapter with alias `candidate`."""
     state = state_dir or Path(".fedforge")  # absolute: a Ray job runs in a temporary copy
     run_module("llm.finetune", "--config", str(config), *_state_args(state), address=address)
+
+
+@app.command()
+def federate(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt = None) -> None:
+    """Federated DP rounds (Flower on Ray); registers the adapter with alias `candidate`."""
+    state = state_dir or Path(".fedforge")
+    run_module("federated.run", "--config", str(config), *_state_args(state), address=address)
 
 
 @app.command()

@@ -31,6 +31,8 @@ TRACKED_PACKAGES = (
     "vllm",
 )
 GIT_REVISION_ENV = "FEDFORGE_GIT_REVISION"
+# A federated adapter carries its privacy guarantee with it, in its own directory.
+PRIVACY_FILE = "privacy.json"
 
 
 def git_revision() -> str:

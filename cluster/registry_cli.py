@@ -29,7 +29,7 @@ SUMMARY_TAGS = (
 )
 
 
-def _open(tracking_uri: str | None, state_dir: Path | None) -> Registry:
+def open_registry(tracking_uri: str | None, state_dir: Path | None) -> Registry:
     return Registry.from_settings(
         RegistrySettings(tracking_uri=tracking_uri), StateDir.resolve(state_dir)
     )
@@ -47,7 +47,7 @@ def list_versions(
     state_dir: StateOpt = None,
 ) -> None:
     """Versions with their aliases and key lineage."""
-    registry = _open(tracking_uri, state_dir)
+    registry = open_registry(tracking_uri, state_dir)
     names = [name] if name else registry.model_names()
     if not names:
         typer.echo("no registered models yet")
@@ -76,7 +76,7 @@ def show(
     state_dir: StateOpt = None,
 ) -> None:
     """Every lineage tag of one version."""
-    registry = _open(tracking_uri, state_dir)
+    registry = open_registry(tracking_uri, state_dir)
     try:
         version = registry.get(name, ref)
     except RegistryError as exc:
@@ -100,7 +100,7 @@ def promote(
 ) -> None:
     """Point `production` at a version."""
     try:
-        version = _open(tracking_uri, state_dir).promote(name, ref)
+        version = open_registry(tracking_uri, state_dir).promote(name, ref)
     except RegistryError as exc:
         raise _fail(exc) from None
     typer.echo(f"{name}: {PRODUCTION} -> v{version.version}")
@@ -110,7 +110,7 @@ def promote(
 def rollback(name: NameArg, tracking_uri: TrackingOpt = None, state_dir: StateOpt = None) -> None:
     """Move `production` back to the version it pointed at before the last promote."""
     try:
-        version = _open(tracking_uri, state_dir).rollback(name)
+        version = open_registry(tracking_uri, state_dir).rollback(name)
     except RegistryError as exc:
         raise _fail(exc) from None
     typer.echo(f"{name}: {PRODUCTION} -> v{version.version} (rolled back)")

@@ -94,7 +94,9 @@ class Federation:
             return ["--insecure"]
         certs = Path(flower.certs_dir) if flower.certs_dir else self.files.root / "certs"
         if not flower.certs_dir and not (certs / "server.pem").exists():
-            hosts = list(dict.fromkeys([flower.host or self.link_ip, "127.0.0.1", "localhost"]))
+            # Outside nodes dial `host`, in-cluster nodes the SuperLink node's IP: cover both.
+            names = [flower.host or self.link_ip, self.link_ip, "127.0.0.1", "localhost"]
+            hosts = list(dict.fromkeys(names))
             make_tls(certs, hosts)
         for name in ("ca.crt", "server.pem", "server.key"):
             if not (certs / name).is_file():

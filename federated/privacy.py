@@ -159,9 +159,6 @@ def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -
     return float(loss.detach())
 
 
-PRIVACY_FILE = "privacy.json"  # written into the registered adapter directory
-
-
 def privacy_record(cfg, rounds: list[dict]) -> dict:
     """The run's privacy guarantee and how it grew: what the registry and `privacy report` show.
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from cluster.config import ConfigError
-from cluster.lineage import lineage_tags
+from cluster.lineage import PRIVACY_FILE, lineage_tags
 from cluster.ray_cluster import connect
 from cluster.registry import Registry, RegistryError
 from cluster.state import StateDir
 from federated.config import FederatedConfig, load_federated_config
 from federated.federation import Federation, FederationError
 from federated.partition import PartitionError, client_partitions
-from federated.privacy import PRIVACY_FILE, privacy_record
+from federated.privacy import privacy_record
 from federated.run_files import RunFiles
 from llm.data import DatasetError, dataset_sha256
 from llm.evaluate import EvalResult, evaluate_heldout
