@@ -13,16 +13,7 @@ from tests.federated.conftest import write_config
 @pytest.mark.slow
 @pytest.mark.integration
 def test_one_dp_round_in_simulation_changes_the_adapter_and_reports_epsilon(tmp_path, state):
-    from federated.server_app import build_server_app
-
-    run_config = flower_run_config(load_federated_config(write_config(tmp_path)), state)
-
-    run_simulation(
-        server_app=build_server_app(run_config),
-        client_app=build_client_app(run_config),
-        num_supernodes=2,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    _simulate(load_federated_config(write_config(tmp_path)), state)
 
     files = RunFiles(state, "tiny-federated")
     [report] = files.rounds()
@@ -34,3 +25,33 @@ def test_one_dp_round_in_simulation_changes_the_adapter_and_reports_epsilon(tmp_
     )
     lora = [k for k in before if "lora_" in k]
     assert lora and any(not np.array_equal(before[k], after[k]) for k in lora)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_restarted_run_resumes_after_its_last_saved_round_and_keeps_charging_epsilon(
+    tmp_path, state
+):
+    _simulate(load_federated_config(write_config(tmp_path)), state)  # 1 of 2 rounds, then "crash"
+    files = RunFiles(state, "tiny-federated")
+    first_round_adapter = (files.adapter_dir(1) / "adapter_model.safetensors").read_bytes()
+
+    _simulate(load_federated_config(write_config(tmp_path, federation={"rounds": 2})), state)
+
+    first, second = files.rounds()
+    assert (first["round"], second["round"]) == (1, 2)
+    # Round 1 was not trained again, and the restarted clients were charged for it.
+    assert (files.adapter_dir(1) / "adapter_model.safetensors").read_bytes() == first_round_adapter
+    assert second["epsilon"] > first["epsilon"]
+
+
+def _simulate(cfg, state) -> None:
+    from federated.server_app import build_server_app
+
+    run_config = flower_run_config(cfg, state)
+    run_simulation(
+        server_app=build_server_app(run_config),
+        client_app=build_client_app(run_config),
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
