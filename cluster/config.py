@@ -44,6 +44,24 @@ class DataSettings(Section):
     system_prompt: str | None = Field(
         None, description="Prepended as a system message when an example has none."
     )
+    central_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the training split that stays central (fine-tuning); federated "
+        "clients hold the rest. 0 = one pool that every job uses.",
+    )
+    share: Literal["all", "central", "clients"] = Field(
+        "all",
+        description="Which training examples this job uses: 'all', the 'central' share, or "
+        "the 'clients' share. The held-out split is the same for every share.",
+    )
+
+    @model_validator(mode="after")
+    def _share_needs_a_fraction(self) -> DataSettings:
+        if self.share != "all" and self.central_fraction == 0:
+            raise ValueError(f"data.share '{self.share}' needs data.central_fraction > 0")
+        return self
 
 
 class LoraSettings(Section):

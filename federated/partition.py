@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llm.data import Example, load_examples, split_examples
+from llm.data import Example, load_split
 
 if TYPE_CHECKING:
     from federated.config import FederatedConfig, PartitionSettings
@@ -88,9 +88,7 @@ def partition_indices(
 
 
 def client_partitions(cfg: FederatedConfig) -> list[list[Example]]:
-    """The training split of the configured dataset, partitioned over the configured clients."""
-    split = split_examples(
-        load_examples(cfg.data.path), cfg.data.validation_fraction, cfg.data.split_seed
-    )
+    """The configured share of the training split, partitioned over the configured clients."""
+    split = load_split(cfg.data)
     parts = partition_indices(split.train, cfg.federation.num_clients, cfg.partition)
     return [[split.train[i] for i in part] for part in parts]

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from cluster.config import DataSettings
+
 IGNORE_INDEX = -100  # positions the loss skips: everything but the answer
 
 
@@ -122,6 +124,22 @@ def split_examples(examples: list[Example], validation_fraction: float, seed: in
     if n_val >= len(examples):
         raise DatasetError(f"{len(examples)} examples are too few to hold out {n_val}")
     return Split(train=ranked[n_val:], validation=ranked[:n_val])
+
+
+def load_split(data: DataSettings) -> Split:
+    """The configured dataset's split, its training part narrowed to the configured share.
+
+    The central share is the head of the (content-hash ranked) training part, so it, the
+    clients' share and the held-out split never overlap and never depend on file order.
+    """
+    split = split_examples(load_examples(data.path), data.validation_fraction, data.split_seed)
+    if data.share == "all":
+        return split
+    n_central = round(len(split.train) * data.central_fraction)
+    train = split.train[:n_central] if data.share == "central" else split.train[n_central:]
+    if not train:
+        raise DatasetError(f"the '{data.share}' share of {data.path} is empty")
+    return Split(train=train, validation=split.validation)
 
 
 def render_prompt(tokenizer, example: Example, system_prompt: str | None = None) -> str:

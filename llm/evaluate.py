@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from llm.data import Example, collate, encode_example, load_examples, render_prompt, split_examples
+from llm.data import Example, collate, encode_example, load_split, render_prompt
 from llm.lora import load_adapter
 from llm.model import load_model, load_tokenizer
 
@@ -130,9 +130,7 @@ def evaluate_heldout(cfg: BaseModel, model_path: str, adapter_dir: Path | None) 
 
     `cfg` is any job config with `model`, `data` and `eval` sections (fine-tuning, federated).
     """
-    split = split_examples(
-        load_examples(cfg.data.path), cfg.data.validation_fraction, cfg.data.split_seed
-    )
+    split = load_split(cfg.data)
     model = load_model(model_path, cfg.model.dtype)
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir)

@@ -12,18 +12,15 @@ import torch
 from peft import PeftModel
 
 from cluster.config import FinetuneConfig
-from llm.data import collate, encode_example, load_examples, split_examples
+from llm.data import collate, encode_example, load_split
 from llm.lora import apply_lora
 from llm.model import load_model
 
 
 def encoded_train_set(cfg: FinetuneConfig, tokenizer) -> list[dict[str, list[int]]]:
-    split = split_examples(
-        load_examples(cfg.data.path), cfg.data.validation_fraction, cfg.data.split_seed
-    )
     return [
         encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt)
-        for e in split.train
+        for e in load_split(cfg.data).train
     ]
 
 

@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from cluster.config import DataSettings
 from llm.data import (
     IGNORE_INDEX,
     DatasetError,
@@ -11,6 +12,7 @@ from llm.data import (
     dataset_sha256,
     encode_example,
     load_examples,
+    load_split,
     split_examples,
 )
 
@@ -127,3 +129,26 @@ def test_dataset_hash_follows_content(tmp_path):
     a = dataset_sha256(write_jsonl(tmp_path / "a.jsonl", ROWS))
     assert a == dataset_sha256(write_jsonl(tmp_path / "same.jsonl", ROWS))
     assert a != dataset_sha256(write_jsonl(tmp_path / "b.jsonl", ROWS[:-1]))
+
+
+def test_central_and_client_shares_split_the_training_part_and_share_the_heldout(tmp_path):
+    path = str(write_jsonl(tmp_path / "a.jsonl", ROWS))
+
+    def split(share: str):
+        return load_split(
+            DataSettings(path=path, validation_fraction=0.25, central_fraction=0.3, share=share)
+        )
+
+    whole, central, clients = split("all"), split("central"), split("clients")
+
+    def prompts(examples):
+        return [e.prompt_messages[-1]["content"] for e in examples]
+
+    assert len(central.train) == 9 and len(clients.train) == 21
+    assert prompts(central.train) + prompts(clients.train) == prompts(whole.train)
+    assert prompts(central.validation) == prompts(clients.validation) == prompts(whole.validation)
+
+
+def test_a_share_without_a_central_fraction_is_a_config_error():
+    with pytest.raises(ValueError, match="needs data.central_fraction"):
+        DataSettings(path="x.jsonl", share="central")
