@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +35,6 @@ JobAddressOpt = Annotated[
         "Default: run here with a local Ray head.",
     ),
 ]
-DEMO_FINETUNE_CONFIG = {"demo": "configs/finetune/demo.yaml", "tiny": "configs/finetune/tiny.yaml"}
 
 
 def run_module(module: str, *args: str, address: str | None = None) -> None:
@@ -76,28 +74,25 @@ def serve(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt 
 @app.command()
 def demo(
     profile: Annotated[
-        str, typer.Option(help="demo (SmolLM2-135M) or tiny (random, tests).")
+        str, typer.Option(help="demo (SmolLM2-135M, < 20 min on 2 cores) or tiny (tests).")
     ] = "demo",
     state_dir: StateOpt = None,
+    keep_serving: Annotated[
+        bool, typer.Option("--keep-serving", help="Keep the endpoint up after the demo.")
+    ] = False,
 ) -> None:
-    """The main job: fine-tune, register, evaluate the adapter loaded back from the registry."""
-    if profile not in DEMO_FINETUNE_CONFIG:
-        typer.echo(
-            f"error: unknown profile '{profile}' (choose {', '.join(DEMO_FINETUNE_CONFIG)})",
-            err=True,
-        )
+    """The main job: fine-tune, federate with DP, gate, serve, and ask the served adapter."""
+    from cluster.demo import PROFILES, run_demo
+    from cluster.state import StateDir
+
+    if profile not in PROFILES:
+        typer.echo(f"error: unknown profile '{profile}' (choose {', '.join(PROFILES)})", err=True)
         raise typer.Exit(2)
-    config = DEMO_FINETUNE_CONFIG[profile]
-    started = time.monotonic()
     provision = ["--tiny"] if profile == "tiny" else []
     run_module("llm.demo_model", *provision, *_state_args(state_dir))
-    typer.echo(f"[fedforge] stage 1/2: fine-tune ({config})")
-    run_module("llm.finetune", "--config", config, *_state_args(state_dir))
-    typer.echo("[fedforge] stage 2/2: evaluate the registered candidate against the base model")
-    run_module(
-        "llm.evaluate_registered", "--config", config, "--ref", "candidate", *_state_args(state_dir)
-    )
-    typer.echo(f"[fedforge] demo finished in {(time.monotonic() - started) / 60:.1f} min")
+    code = run_demo(profile, StateDir.resolve(state_dir), keep_serving)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console script entry

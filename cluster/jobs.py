@@ -10,6 +10,7 @@ import asyncio
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 
 from cluster.lineage import GIT_REVISION_ENV, git_revision
 
@@ -21,25 +22,46 @@ def run_local(module: str, args: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", module, *args])
 
 
-def submit_and_follow(address: str, module: str, args: list[str]) -> int:
-    """Submit `python -m module args` as a Ray job with this directory as its working dir,
-    stream its logs until it ends, and return 0 only if it succeeded."""
-    from ray.job_submission import JobSubmissionClient
+def submit_job(
+    client,
+    module: str,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    python: str = "python",
+) -> str:
+    """Submit `python -m module args` with this directory as the job's working dir.
 
-    client = JobSubmissionClient(address)
-    entrypoint = shlex.join(["python", "-m", module, *args])
+    `python` is the cluster's interpreter; a local head can be given this one (sys.executable),
+    so jobs run in this environment even when it is not activated.
+    """
+    entrypoint = shlex.join([python, "-m", module, *args])
     # The uploaded working dir has no .git, so the revision travels as an env var.
+    env_vars = {GIT_REVISION_ENV: git_revision(), **(env or {})}
     job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": ".", "env_vars": {GIT_REVISION_ENV: git_revision()}},
+        entrypoint=entrypoint, runtime_env={"working_dir": ".", "env_vars": env_vars}
     )
     print(f"[fedforge] submitted Ray job {job_id}: {entrypoint}", flush=True)
+    return job_id
+
+
+def follow_job(client, job_id: str, on_text: Callable[[str], None]) -> bool:
+    """Stream the job's log text to `on_text` until it ends; True if it succeeded."""
 
     async def follow() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+        async for text in client.tail_job_logs(job_id):
+            on_text(text)
 
     asyncio.run(follow())
     status = client.get_job_status(job_id)
-    print(f"[fedforge] Ray job {job_id} {status}", flush=True)
-    return 0 if str(status) == TERMINAL_OK or getattr(status, "value", "") == TERMINAL_OK else 1
+    return str(status) == TERMINAL_OK or getattr(status, "value", "") == TERMINAL_OK
+
+
+def submit_and_follow(address: str, module: str, args: list[str]) -> int:
+    """Submit the module as a Ray job, stream its logs, and return 0 only if it succeeded."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = submit_job(client, module, args)
+    ok = follow_job(client, job_id, lambda text: print(text, end="", flush=True))
+    print(f"[fedforge] Ray job {job_id} {'SUCCEEDED' if ok else 'FAILED'}", flush=True)
+    return 0 if ok else 1

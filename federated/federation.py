@@ -42,6 +42,7 @@ class Federation:
         self.logs = files.root / "logs"
         self.link: ray.actor.ActorHandle | None = None
         self.nodes: list[ray.actor.ActorHandle] = []
+        self.node_pids: list[int] = []  # each in-cluster SuperNode's process (group) id
         self.address = ""  # host:port outside SuperNodes connect to
         self.root_certificates: Path | None = None
 
@@ -161,7 +162,7 @@ class Federation:
             threads = str(max(1, int(flower.cpus_per_supernode)))
             log_path = self.logs / f"supernode-{partition}.log"
             env = {"OMP_NUM_THREADS": threads}
-            ray.get(node.start.remote("supernode", argv, env, str(log_path)))
+            self.node_pids.append(ray.get(node.start.remote("supernode", argv, env, str(log_path))))
             self.nodes.append(node)
         log.info("started %d in-cluster SuperNodes", len(self.nodes))
 

@@ -119,7 +119,17 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,  # the sampling the accountant's analysis assumes
     )
+    # Opacus builds its own empty batch from the first example's types, which fails for our
+    # dict examples; a zero-row batch of the right keys still makes a (noise-only) step.
+    loader.collate_fn = partial(collate_or_empty, pad_token_id=pad_id)
     return model, optimizer, loader, engine
+
+
+def collate_or_empty(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    if not examples:
+        empty = torch.zeros((0, 1), dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty, "labels": empty}
+    return collate(examples, pad_token_id)
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ from llm.evaluate import EvalResult, evaluate_heldout
 from llm.model import ModelNotFoundError, resolve_model_path
 from llm.run_identity import RunMismatchError, check_or_record, flatten
 
-# What may change when a run is submitted again: how many rounds, how it is served and judged.
-RESUMABLE_KEYS = {"federation.rounds"}
+# What may change when a run is submitted again: how many rounds, how it is served and judged,
+# and where round 0 came from (read only when no round is saved yet).
+RESUMABLE_KEYS = {"federation.rounds", "federation.initial_adapter"}
 RESUMABLE_SECTIONS = ("eval.", "registry.", "flower.")
 
 

@@ -74,6 +74,17 @@ def test_epsilon_grows_with_steps_and_matches_opacus_recomputation(private_tiny)
     assert epsilons[2] == pytest.approx(recompute_epsilon(3, rate, 1.0, 1e-5, "rdp"), rel=1e-9)
 
 
+def test_an_empty_poisson_draw_is_a_noise_only_step_that_is_accounted(private_tiny):
+    model, optimizer, loader, engine, *_ = private_tiny
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    empty = loader.collate_fn([])  # what the loader yields when sampling draws nobody
+    assert dp_train_step(model, optimizer, empty, lr=1e-2) is None
+
+    assert engine.accountant.history == [(1.0, loader.sample_rate, 1)]
+    assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
+
+
 def test_budget_accumulates_across_rounds_for_a_client(state, tiny_config):
     model_path = resolve_model_path("tiny", state)
     data = client_partitions(tiny_config)[0]

@@ -1,0 +1,284 @@
+"""The main job, end to end: fine-tune → federate with DP → gate → serve → ask.
+
+Each stage is a Ray job (the module a user would `ray job submit`), sent to a Ray head this
+process starts, so the dashboard shows every stage. Job logs go to files under the report
+directory; the terminal shows each stage's `[fedforge]` progress lines, then a summary.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cluster.config import RegistrySettings
+from cluster.jobs import follow_job, submit_job
+from cluster.registry import PRODUCTION, Registry
+from cluster.state import StateDir
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = 4
+DEMO_PROMPTS = [
+    "Route this support ticket: I was charged twice for my subscription. Please help.",
+    "Route this support ticket: My parcel never arrived and tracking has not moved.",
+    "Route this support ticket: I cannot log in after resetting my password.",
+    "Route this support ticket: Please delete my account and all my data.",
+]
+
+
+@dataclass(frozen=True)
+class Profile:
+    finetune: str
+    federated: str
+    serve: str
+    requests: int  # demo requests sent to the endpoint (latency statistics)
+
+
+PROFILES = {
+    "demo": Profile(
+        "configs/finetune/demo.yaml", "configs/federated/demo.yaml", "configs/serve/demo.yaml", 16
+    ),
+    "tiny": Profile(
+        "configs/finetune/tiny.yaml", "configs/federated/tiny.yaml", "configs/serve/tiny.yaml", 6
+    ),
+}
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, job_id: str | None, log: Path | None, why: str = "") -> None:
+        where = f" (Ray job {job_id}; log {log})" if job_id else ""
+        super().__init__(f"stage '{stage}' failed{where}{': ' + why if why else ''}")
+
+
+@dataclass
+class DemoResult:
+    versions: dict[str, dict] = field(default_factory=dict)  # stage -> {version, accuracy, ...}
+    base_accuracy: float | None = None
+    promoted: str | None = None
+    gate: str = ""
+    endpoint: str = ""
+    latencies: list[float] = field(default_factory=list)
+    first_token: list[float] = field(default_factory=list)
+    cold_request: float = 0.0  # the first request to the adapter, loading it included
+    answers: list[tuple[str, str]] = field(default_factory=list)
+    minutes: float = 0.0
+
+
+def _model_name(config_path: str) -> str:
+    return yaml.safe_load((REPO / config_path).read_text())["registry"]["model_name"]
+
+
+class Demo:
+    def __init__(self, profile: str, state: StateDir, report_dir: Path) -> None:
+        self.profile = PROFILES[profile]
+        self.state = state
+        self.report_dir = report_dir
+        self.registry = Registry.from_settings(RegistrySettings(), state)
+        self.model_name = _model_name(self.profile.finetune)
+        self.client = None
+        self.serving_job: str | None = None
+        self.api_key = "sk-demo-" + secrets.token_hex(12)
+        self.result = DemoResult()
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def _stage(
+        self,
+        n: int,
+        name: str,
+        module: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> str:
+        """Run one stage as a Ray job; echo its progress lines; raise StageFailed on failure."""
+        print(f"\n[fedforge] stage {n}/{STAGES}: {name}", flush=True)
+        log = self.report_dir / f"{n}-{name.split()[0]}.log"
+        args = [*args, "--state-dir", str(self.state.root)]
+        job_id = submit_job(self.client, module, args, env, python=sys.executable)
+        if not wait:
+            return job_id
+        with log.open("w") as sink:
+
+            def on_text(text: str) -> None:
+                sink.write(text)
+                for line in text.splitlines():
+                    if line.startswith("[fedforge]") or line.startswith("error:"):
+                        print("   ", line, flush=True)
+
+            ok = follow_job(self.client, job_id, on_text)
+        if not ok:
+            raise StageFailed(name, job_id, log)
+        return job_id
+
+    def _newest(self, kind: str) -> dict:
+        version = max(self.registry.versions(self.model_name), key=lambda v: int(v.version))
+        tags = version.tags
+        return {
+            "version": str(version.version),
+            "run_id": version.run_id,
+            "kind": kind,
+            "accuracy": float(tags["fedforge.metric.eval_accuracy"]),
+            "base_accuracy": float(tags["fedforge.metric.base_accuracy"]),
+            "epsilon": tags.get("fedforge.privacy.epsilon"),
+            "delta": tags.get("fedforge.privacy.delta"),
+        }
+
+    def fine_tune(self) -> None:
+        self._stage(
+            1, "fine-tune (central share)", "llm.finetune", ["--config", self.profile.finetune]
+        )
+        self.result.versions["fine-tuned"] = self._newest("finetune")
+
+    def federate(self) -> None:
+        start = f"{self.model_name}:{self.result.versions['fine-tuned']['version']}"
+        raw = yaml.safe_load((REPO / self.profile.federated).read_text())
+        raw["federation"]["initial_adapter"] = start
+        config = self.report_dir / "federated.yaml"
+        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        self._stage(2, "federate (clients' shares, DP)", "federated.run", ["--config", str(config)])
+        self.result.versions["federated"] = self._newest("federated")
+
+    def gate(self) -> None:
+        """Promote the better new version to production only if it beats the current one."""
+        print(f"\n[fedforge] stage 3/{STAGES}: gate", flush=True)
+        current = self.registry.aliases(self.model_name).get(PRODUCTION)
+        current_acc = (
+            float(self.registry.get(self.model_name, current).tags["fedforge.metric.eval_accuracy"])
+            if current
+            else None
+        )
+        best = max(self.result.versions.values(), key=lambda v: v["accuracy"])
+        self.result.base_accuracy = best["base_accuracy"]
+        if current_acc is None or best["accuracy"] > current_acc:
+            self.registry.promote(self.model_name, best["version"])
+            self.result.promoted = best["version"]
+            self.result.gate = f"promoted v{best['version']} ({best['accuracy']:.1%}) over " + (
+                f"v{current} ({current_acc:.1%})" if current else "no production version"
+            )
+        else:
+            self.result.gate = (
+                f"kept v{current} ({current_acc:.1%}): best new v{best['version']} "
+                f"({best['accuracy']:.1%}) does not beat it"
+            )
+        print(f"    [fedforge] {self.result.gate}", flush=True)
+
+    def serve_and_ask(self) -> None:
+        env = {"FEDFORGE_API_KEYS": self.api_key}
+        args = ["--config", self.profile.serve]
+        self.serving_job = self._stage(4, "serve and ask", "serve.deploy", args, env, wait=False)
+        serve_cfg = yaml.safe_load((REPO / self.profile.serve).read_text())
+        self.result.endpoint = f"http://127.0.0.1:{serve_cfg['http_port']}/v1"
+        self._ask(self.result.endpoint)
+
+    def _ask(self, endpoint: str, timeout: float = 600.0) -> None:
+        from openai import APIConnectionError, APIStatusError, OpenAI
+
+        client = OpenAI(base_url=endpoint, api_key=self.api_key, max_retries=0, timeout=60)
+        deadline = time.monotonic() + timeout
+        while True:  # the endpoint is ready when it lists the adapter
+            status = self.client.get_job_status(self.serving_job)
+            if status.is_terminal():
+                raise StageFailed("serve and ask", self.serving_job, None, f"job {status}")
+            try:
+                if self.model_name in {m.id for m in client.models.list().data}:
+                    break
+            except (APIConnectionError, APIStatusError):
+                pass
+            if time.monotonic() > deadline:
+                raise StageFailed("serve and ask", self.serving_job, None, "endpoint not ready")
+            time.sleep(2)
+        print(f"    [fedforge] endpoint ready at {endpoint}; sending requests", flush=True)
+        # The first request loads the adapter into the engine: timed apart from the rest.
+        started = time.perf_counter()
+        client.chat.completions.create(
+            model=self.model_name,
+            messages=[{"role": "user", "content": DEMO_PROMPTS[0]}],
+            max_tokens=1,
+        )
+        self.result.cold_request = time.perf_counter() - started
+        for i in range(self.profile.requests):
+            prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
+            started = time.perf_counter()
+            stream = client.chat.completions.create(
+                model=self.model_name,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+            )
+            text, first = "", None
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter() - started
+                    text += chunk.choices[0].delta.content
+            self.result.latencies.append(time.perf_counter() - started)
+            self.result.first_token.append(first or self.result.latencies[-1])
+            if i < len(DEMO_PROMPTS):
+                self.result.answers.append((prompt, text.strip()))
+        plain = client.chat.completions.create(
+            model=self.model_name,
+            messages=[{"role": "user", "content": DEMO_PROMPTS[0]}],
+            max_tokens=8,
+            temperature=0,
+        )
+        print(f"    [fedforge] {plain.model} answered: {plain.choices[0].message.content!r}")
+
+    def stop_serving(self) -> None:
+        if self.serving_job and not self.client.get_job_status(self.serving_job).is_terminal():
+            self.client.stop_job(self.serving_job)  # SIGTERM: serve.deploy shuts Serve down
+            deadline = time.monotonic() + 60
+            while not self.client.get_job_status(self.serving_job).is_terminal():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+        if self.serving_job:
+            (self.report_dir / "4-serve.log").write_text(self.client.get_job_logs(self.serving_job))
+
+
+def run_demo(profile: str, state: StateDir, keep_serving: bool) -> int:
+    """The whole demo; returns the exit code. Every stage's Ray job shows on the dashboard."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from cluster.demo_report import summary_table, write_report
+
+    started = time.monotonic()
+    report_dir = state.reports / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(profile, state, report_dir)
+    os.environ.pop("RAY_ADDRESS", None)  # the demo always runs on its own local head
+    context = ray.init(include_dashboard=True, num_cpus=max(2, os.cpu_count() or 2))
+    print(f"[fedforge] Ray head started; dashboard http://{context.dashboard_url}", flush=True)
+    demo.client = JobSubmissionClient(f"http://{context.dashboard_url}")
+    try:
+        demo.fine_tune()
+        demo.federate()
+        demo.gate()
+        demo.serve_and_ask()
+        demo.result.minutes = (time.monotonic() - started) / 60
+        report = write_report(demo.result, demo.registry, state, report_dir, demo.model_name)
+        print("\n" + summary_table(demo.result, demo.model_name))
+        print(f"\n[fedforge] report: {report}")
+        print(f"[fedforge] demo finished in {demo.result.minutes:.1f} min")
+        if keep_serving:
+            print(
+                f"[fedforge] serving at {demo.result.endpoint} (key {demo.api_key}); Ctrl-C stops"
+            )
+            while True:
+                time.sleep(3600)
+    except StageFailed as exc:
+        print(f"\nerror: {exc}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\n[fedforge] interrupted; shutting down", flush=True)
+        return 130
+    finally:
+        demo.stop_serving()
+        ray.shutdown()
+    return 0

@@ -1,0 +1,133 @@
+"""The demo's summary table and its report directory (Markdown + PNG plots).
+
+Numbers come from where the jobs put them: accuracy and epsilon from the registered versions'
+lineage tags, loss and epsilon curves from their MLflow runs, latencies from the demo requests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cluster.registry import Registry  # noqa: E402
+from cluster.state import StateDir  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _ms(seconds: list[float], q: float) -> str:
+    return f"{percentile(seconds, q) * 1000:.0f} ms" if seconds else "-"
+
+
+def summary_rows(result, model_name: str) -> list[tuple[str, str]]:
+    fine, fed = result.versions["fine-tuned"], result.versions["federated"]
+    eps = fed["epsilon"] if fed["epsilon"] not in (None, "None") else None
+    return [
+        ("held-out accuracy: base model", f"{result.base_accuracy:.1%}"),
+        (f"... fine-tuned, central share ({model_name}:{fine['version']})",
+         f"{fine['accuracy']:.1%}"),
+        (f"... federated from it, DP ({model_name}:{fed['version']})", f"{fed['accuracy']:.1%}"),
+        ("privacy of the federated rounds (epsilon, delta)",
+         f"({float(eps):.2f}, {float(fed['delta']):g})" if eps else "no DP"),
+        ("gate", result.gate),
+        ("endpoint", f"{result.endpoint} (model '{model_name}')"),
+        (f"first token p50 / p99 ({len(result.latencies)} streamed requests)",
+         f"{_ms(result.first_token, 0.5)} / {_ms(result.first_token, 0.99)}"),
+        ("first request (loads the adapter)", f"{result.cold_request * 1000:.0f} ms"),
+        ("8-token answer p50 / p99",
+         f"{_ms(result.latencies, 0.5)} / {_ms(result.latencies, 0.99)}"),
+        ("wall time", f"{result.minutes:.1f} min"),
+    ]  # fmt: skip
+
+
+def summary_table(result, model_name: str) -> str:
+    rows = summary_rows(result, model_name)
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}   {v}" for k, v in rows), line])
+
+
+def _history(registry: Registry, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted(registry.client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return [m.step for m in points], [m.value for m in points]
+
+
+def _plot_training(registry: Registry, run_id: str, path: Path) -> None:
+    steps, loss = _history(registry, run_id, "loss")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, marker=".")
+    ax.set(xlabel="step", ylabel="training loss", title="Fine-tuning (Ray Train)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_federated(registry: Registry, run_id: str, path: Path) -> None:
+    rounds, loss = _history(registry, run_id, "train_loss")
+    eps_rounds, eps = _history(registry, run_id, "epsilon")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(rounds, loss, marker="o", color="tab:blue")
+    ax.set(xlabel="round", ylabel="clients' training loss", title="Federated rounds (DP-SGD)")
+    ax.set_xticks(rounds)
+    if eps:
+        right = ax.twinx()
+        right.plot(eps_rounds, eps, marker="s", color="tab:red")
+        right.set_ylabel("epsilon (worst client)", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_latency(result, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([t * 1000 for t in result.first_token], bins=12, alpha=0.7, label="first token")
+    ax.hist([t * 1000 for t in result.latencies], bins=12, alpha=0.7, label="whole answer")
+    ax.set(xlabel="ms", ylabel="requests", title="Demo request latency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result, registry: Registry, state: StateDir, out: Path, model_name: str) -> Path:
+    """Markdown report with three PNGs in `out`; returns the report's path."""
+    _plot_training(registry, result.versions["fine-tuned"]["run_id"], out / "training_loss.png")
+    _plot_federated(registry, result.versions["federated"]["run_id"], out / "federated.png")
+    _plot_latency(result, out / "latency.png")
+    table = "\n".join(f"| {k} | {v} |" for k, v in summary_rows(result, model_name))
+    answers = "\n".join(f"| {q} | `{a}` |" for q, a in result.answers)
+    report = out / "report.md"
+    report.write_text(
+        f"""# fedforge demo report
+
+| | |
+|---|---|
+{table}
+
+Registry: `fedforge registry list {model_name} --state-dir {state.root}`
+
+## Answers from the served adapter (`{model_name}`)
+
+| prompt | answer |
+|---|---|
+{answers}
+
+## Plots
+
+![training loss](training_loss.png)
+
+![federated loss and epsilon](federated.png)
+
+![latency](latency.png)
+
+Stage logs: the `*.log` files next to this report.
+"""
+    )
+    return report
