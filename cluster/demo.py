@@ -107,9 +107,14 @@ class Demo:
 
             def on_text(text: str) -> None:
                 sink.write(text)
+                sink.flush()
                 for line in text.splitlines():
-                    if line.startswith("[fedforge]") or line.startswith("error:"):
-                        print("   ", line, flush=True)
+                    # Worker lines come prefixed by Ray, e.g. "(RayTrainWorker pid=1) [fedforge]".
+                    start = line.find("[fedforge]")
+                    if start < 0 and line.startswith("error:"):
+                        start = 0
+                    if start >= 0:
+                        print("   ", line[start:], flush=True)
 
             ok = follow_job(self.client, job_id, on_text)
         if not ok:

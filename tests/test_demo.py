@@ -4,44 +4,65 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.registry import CANDIDATE, Registry
+from cluster.lineage import PRIVACY_FILE
+from cluster.registry import PRODUCTION, Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[1]
+DEMO_PORTS = (8000, 8265, 9091, 9092, 9093)  # endpoint, dashboard, SuperLink
 
 
-def test_demo_fine_tunes_registers_and_evaluates_from_the_registry(state):
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from cluster.cli import main; main()",
-            "demo",
-            "--profile",
-            "tiny",
-            "--state-dir",
-            str(state.root),
-        ],
+        [sys.executable, "-c", "from cluster.cli import main; main()", "demo", "--profile",
+         "tiny", "--state-dir", str(state.root)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=900,
         env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )  # fmt: skip
     out = proc.stdout
-    assert "stage 1/2: fine-tune" in out and "stage 2/2" in out
-    assert "fedforge-tiny v1 (from registry)" in out
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-3000:]
+    for stage in ("stage 1/4: fine-tune", "stage 2/4: federate", "stage 3/4: gate", "4/4: serve"):
+        assert stage in out
+    assert "fedforge-tiny answered:" in out  # the OpenAI client reached the served adapter
     assert "demo finished in" in out
 
     registry = Registry(state.default_tracking_uri())
-    assert registry.aliases("fedforge-tiny") == {CANDIDATE: "1"}
-    report = json.loads((state.reports / "fedforge-tiny-v1-eval.json").read_text())
-    assert report["examples"] == 16
-    assert set(report["adapter"]) == {"loss", "perplexity", "accuracy"}
+    fine, fed = sorted(registry.versions("fedforge-tiny"), key=lambda v: int(v.version))
+    assert fine.tags["fedforge.kind"] == "finetune" and fed.tags["fedforge.kind"] == "federated"
+    for version in (fine, fed):
+        assert version.tags["fedforge.dataset_sha256"] and version.tags["fedforge.config_sha256"]
+    assert float(fed.tags["fedforge.privacy.epsilon"]) > 0
+    assert fed.tags["fedforge.privacy.delta"] == "1e-05"
+    # The gate: production is one of the two, the one with the better held-out accuracy.
+    production = registry.aliases("fedforge-tiny")[PRODUCTION]
+    accuracy = {v.version: float(v.tags["fedforge.metric.eval_accuracy"]) for v in (fine, fed)}
+    assert accuracy[production] == max(accuracy.values())
+    adapter = registry.download("fedforge-tiny", fed.version, tmp_path / "download")
+    privacy = json.loads((adapter / PRIVACY_FILE).read_text())
+    assert privacy["by_round"] and privacy["epsilon"] > 0
+
+    [report_dir] = (state.reports).glob("demo-*")
+    for name in ("report.md", "training_loss.png", "federated.png", "latency.png"):
+        assert (report_dir / name).stat().st_size > 0, name
+    assert "held-out accuracy" in (report_dir / "report.md").read_text()
+
+    assert not [p for p in DEMO_PORTS if _listening(p)], "the demo left a port open"
+    stray = subprocess.run(
+        ["pgrep", "-f", "flower-super|flwr-|serve.deploy"], capture_output=True, text=True
+    )
+    assert stray.stdout == "", f"the demo left processes behind: {stray.stdout}"
