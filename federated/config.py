@@ -23,6 +23,8 @@ from cluster.config import (
 )
 from cluster.state import StateDir
 
+OUTSIDE_CLIENT = -1  # the partition id of a SuperNode that brings its own data
+
 # Beyond this the noise drowns the clipped gradient (its norm is at most max_grad_norm per
 # example, the noise's is sigma * max_grad_norm per coordinate): training cannot learn.
 MAX_USEFUL_NOISE = 10.0
@@ -86,6 +88,12 @@ class FlowerSettings(Section):
     )
     cpus_per_supernode: float = Field(
         0.5, gt=0, description="Ray CPUs reserved by each in-cluster SuperNode."
+    )
+    warm_clients: bool = Field(
+        True,
+        description="In-cluster SuperNodes hand training to a long-lived Ray actor that keeps "
+        "imports and the base model loaded between rounds (Flower starts a fresh ClientApp "
+        "process per message). False: train in that process, like an outside SuperNode.",
     )
     gpus_per_supernode: float = Field(0, ge=0, description="Ray GPUs per in-cluster SuperNode.")
 

@@ -21,8 +21,9 @@ import tomli_w
 
 from cluster.state import StateDir
 from federated.certs import make_node_key, make_tls
+from federated.client_app import RAY_ADDRESS_KEY, RAY_NAMESPACE, WARM_TRAINER_KEY
 from federated.config import FederatedConfig, flower_run_config
-from federated.flower_processes import FlowerHost
+from federated.flower_processes import FlowerHost, WarmTrainer
 from federated.run_files import RunFiles
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Federation:
         self.link: ray.actor.ActorHandle | None = None
         self.nodes: list[ray.actor.ActorHandle] = []
         self.node_pids: list[int] = []  # each in-cluster SuperNode's process (group) id
+        self.trainers: list[ray.actor.ActorHandle] = []  # warm trainers (flower.warm_clients)
         self.address = ""  # host:port outside SuperNodes connect to
         self.root_certificates: Path | None = None
 
@@ -144,10 +146,21 @@ class Federation:
         flower = self.cfg.flower
         for key in flower.authorized_keys:
             self.authorize(Path(key))
+        threads = max(1, int(flower.cpus_per_supernode))
+        gcs_address = ray.get_runtime_context().gcs_address
         for partition in range(self.cfg.federation.num_clients):
-            node = FlowerHost.options(
-                num_cpus=flower.cpus_per_supernode, num_gpus=flower.gpus_per_supernode
-            ).remote()
+            node_config = f"partition-id={partition}"
+            resources = {
+                "num_cpus": flower.cpus_per_supernode,
+                "num_gpus": flower.gpus_per_supernode,
+            }
+            if flower.warm_clients:  # the trainer holds the node's resources, the host none
+                name = f"fedforge-{self.cfg.name}-trainer-{partition}"
+                trainer = WarmTrainer.options(name=name, namespace=RAY_NAMESPACE, **resources)
+                self.trainers.append(trainer.remote(threads))
+                node_config += f' {WARM_TRAINER_KEY}="{name}" {RAY_ADDRESS_KEY}="{gcs_address}"'
+                resources = {"num_cpus": 0}
+            node = FlowerHost.options(**resources).remote()
             argv = [
                 "flower-supernode",
                 *self._supernode_tls_args(partition),
@@ -156,12 +169,11 @@ class Federation:
                 "--clientappio-api-address",
                 f"127.0.0.1:{ray.get(node.free_port.remote())}",
                 "--node-config",
-                f"partition-id={partition}",
+                node_config,
             ]
             # Torch would start a thread per core in every ClientApp; give it the CPUs Ray gave.
-            threads = str(max(1, int(flower.cpus_per_supernode)))
+            env = {"OMP_NUM_THREADS": str(threads)}
             log_path = self.logs / f"supernode-{partition}.log"
-            env = {"OMP_NUM_THREADS": threads}
             self.node_pids.append(ray.get(node.start.remote("supernode", argv, env, str(log_path))))
             self.nodes.append(node)
         log.info("started %d in-cluster SuperNodes", len(self.nodes))
@@ -230,6 +242,8 @@ class Federation:
 
     def stop(self) -> None:
         """Stop SuperNodes first (they would retry a vanished SuperLink), then the SuperLink."""
+        for trainer in self.trainers:
+            ray.kill(trainer)
         for actor in [*self.nodes, self.link]:
             if actor is None:
                 continue
@@ -238,4 +252,4 @@ class Federation:
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 log.warning("could not stop a Flower process cleanly: %s", exc)
             ray.kill(actor)
-        self.nodes, self.link = [], None
+        self.nodes, self.link, self.trainers = [], None, []

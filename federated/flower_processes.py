@@ -104,3 +104,20 @@ class FlowerHost:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(ProcessLookupError):  # the group: ClientApps outlive it
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@ray.remote(max_restarts=0)
+class WarmTrainer:
+    """One in-cluster SuperNode's training, in a process that outlives Flower's per-message
+    ClientApp processes: torch, the tokenizer and the base model load once, not every round
+    (federated.local_train caches them per process)."""
+
+    def __init__(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def train(self, *args):
+        from federated.local_train import train_for_node
+
+        return train_for_node(*args)

@@ -10,15 +10,13 @@ import math
 from functools import partial
 
 import torch
-from flwr.app import ConfigRecord
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
+from federated.dp_history import History
 from llm.data import IGNORE_INDEX, collate
-
-History = list[tuple[float, float, int]]  # Opacus' (noise_multiplier, sample_rate, steps)
 
 
 def sample_rate(n_examples: int, batch_size: int) -> float:
@@ -71,22 +69,6 @@ def noise_for_target(
             f"drowns the clipped gradients and the adapter learns nothing; {hint}"
         )
     return noise
-
-
-def history_to_record(history: History) -> ConfigRecord:
-    return ConfigRecord(
-        {
-            "noise": [float(h[0]) for h in history],
-            "rate": [float(h[1]) for h in history],
-            "steps": [int(h[2]) for h in history],
-        }
-    )
-
-
-def history_from_record(record: ConfigRecord | None) -> History:
-    if record is None:
-        return []
-    return list(zip(record["noise"], record["rate"], record["steps"], strict=True))
 
 
 def make_private(

@@ -3,7 +3,9 @@
 1. DP-SGD step time against a plain step: same LoRA model, batch and sequence length; Opacus
    per-sample gradients with hooks (what the clients use) and with ghost clipping.
 2. Round wall time against the slowest client's local compute (model load + local steps, as
-   each client measures it), from a real `federated.run` (SuperLink + SuperNodes on Ray).
+   each client measures it), from real `federated.run`s (SuperLink + SuperNodes on Ray): with
+   Flower's fresh ClientApp process per message (`flower.warm_clients: false`, stock), and with
+   the in-cluster SuperNodes' training handed to warm Ray actors (the default).
 
     python scripts/bench_federated.py [--model demo|tiny] [--steps 4] [--rounds 2]
 """
@@ -38,14 +40,19 @@ from llm.model import load_tokenizer, resolve_model_path  # noqa: E402
 from llm.training import train_step  # noqa: E402
 
 
-def bench_config(model: str, rounds: int, name: str) -> FederatedConfig:
+def bench_config(model: str, rounds: int, name: str, warm: bool) -> FederatedConfig:
     raw = yaml.safe_load((REPO / "configs/federated/demo.yaml").read_text())
     raw["name"] = name
     raw["model"]["base"] = model
     raw["data"]["path"] = str(REPO / raw["data"]["path"])
     raw["federation"]["rounds"] = rounds
     raw["federation"].pop("initial_adapter", None)  # timing only: start from a fresh adapter
-    raw["flower"] = {"fleet_port": 19292, "control_port": 19293, "serverappio_port": 19291}
+    raw["flower"] = {
+        "fleet_port": 19292,
+        "control_port": 19293,
+        "serverappio_port": 19291,
+        "warm_clients": warm,
+    }
     return FederatedConfig.model_validate(raw)
 
 
@@ -154,12 +161,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         state = StateDir.resolve(tmp)
         (state.root / "models").symlink_to(home.models)
-        cfg = bench_config(args.model, args.rounds, f"bench-{time.time_ns()}")
+        cfg = bench_config(args.model, args.rounds, f"bench-{time.time_ns()}", warm=False)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # like one client on one CPU
         steps = step_times(cfg, model_path, args.steps, args.warmup)
         torch.set_num_threads(threads)
-        rounds = round_times(cfg, state)
+        rounds = {
+            warm: round_times(
+                bench_config(args.model, args.rounds, f"bench-{time.time_ns()}", warm), state
+            )
+            for warm in (False, True)
+        }
     batch = f"batch {cfg.federation.batch_size} x {cfg.data.max_length} tokens, 1 thread"
     print(f"\nDP-SGD step vs plain step ({args.model}, LoRA r={cfg.lora.r}, {batch})")
     print(f"{'variant':<10} {'s/step':>8} {'x plain':>8}")
