@@ -74,12 +74,14 @@ def serve(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt 
 @app.command()
 def demo(
     profile: Annotated[
-        str, typer.Option(help="demo (SmolLM2-135M, < 20 min on 2 cores) or tiny (tests).")
+        str,
+        typer.Option(help="demo (SmolLM2-135M, < 20 min on 2 cores), tiny (tests), gpu (cluster)."),
     ] = "demo",
     state_dir: StateOpt = None,
     keep_serving: Annotated[
         bool, typer.Option("--keep-serving", help="Keep the endpoint up after the demo.")
     ] = False,
+    address: JobAddressOpt = None,
 ) -> None:
     """The main job: fine-tune, federate with DP, gate, serve, and ask the served adapter."""
     from cluster.demo import PROFILES, run_demo
@@ -88,9 +90,10 @@ def demo(
     if profile not in PROFILES:
         typer.echo(f"error: unknown profile '{profile}' (choose {', '.join(PROFILES)})", err=True)
         raise typer.Exit(2)
-    provision = ["--tiny"] if profile == "tiny" else []
-    run_module("llm.demo_model", *provision, *_state_args(state_dir))
-    code = run_demo(profile, StateDir.resolve(state_dir), keep_serving)
+    if profile != "gpu":  # the gpu profile names a hub model
+        provision = ["--tiny"] if profile == "tiny" else []
+        run_module("llm.demo_model", *provision, *_state_args(state_dir))
+    code = run_demo(profile, StateDir.resolve(state_dir), keep_serving, address)
     if code:
         raise typer.Exit(code)
 

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -45,6 +46,10 @@ PROFILES = {
     ),
     "tiny": Profile(
         "configs/finetune/tiny.yaml", "configs/federated/tiny.yaml", "configs/serve/tiny.yaml", 6
+    ),
+    # A real GPU cluster (see the README): hub model, GPU workers and SuperNodes, vLLM on GPU.
+    "gpu": Profile(
+        "configs/finetune/gpu.yaml", "configs/federated/gpu.yaml", "configs/serve/gpu.yaml", 64
     ),
 }
 
@@ -81,6 +86,8 @@ class Demo:
         self.registry = Registry.from_settings(RegistrySettings(), state)
         self.model_name = _model_name(self.profile.finetune)
         self.client = None
+        self.python = sys.executable  # a local head runs jobs in this environment
+        self.host = "127.0.0.1"  # where the endpoint is reached
         self.serving_job: str | None = None
         self.api_key = "sk-demo-" + secrets.token_hex(12)
         self.result = DemoResult()
@@ -100,7 +107,7 @@ class Demo:
         print(f"\n[fedforge] stage {n}/{STAGES}: {name}", flush=True)
         log = self.report_dir / f"{n}-{name.split()[0]}.log"
         args = [*args, "--state-dir", str(self.state.root)]
-        job_id = submit_job(self.client, module, args, env, python=sys.executable)
+        job_id = submit_job(self.client, module, args, env, python=self.python)
         if not wait:
             return job_id
         with log.open("w") as sink:
@@ -178,7 +185,7 @@ class Demo:
         args = ["--config", self.profile.serve]
         self.serving_job = self._stage(4, "serve and ask", "serve.deploy", args, env, wait=False)
         serve_cfg = yaml.safe_load((REPO / self.profile.serve).read_text())
-        self.result.endpoint = f"http://127.0.0.1:{serve_cfg['http_port']}/v1"
+        self.result.endpoint = f"http://{self.host}:{serve_cfg['http_port']}/v1"
         self._ask(self.result.endpoint)
 
     def _ask(self, endpoint: str, timeout: float = 600.0) -> None:
@@ -246,8 +253,13 @@ class Demo:
             (self.report_dir / "4-serve.log").write_text(self.client.get_job_logs(self.serving_job))
 
 
-def run_demo(profile: str, state: StateDir, keep_serving: bool) -> int:
-    """The whole demo; returns the exit code. Every stage's Ray job shows on the dashboard."""
+def run_demo(profile: str, state: StateDir, keep_serving: bool, address: str | None = None) -> int:
+    """The whole demo; returns the exit code. Every stage's Ray job shows on the dashboard.
+
+    Without `address` it starts (and at the end stops) a local Ray head; with a job address
+    (http://head:8265) it submits the stages to that cluster, whose nodes run the cluster's
+    `python`, and calls the endpoint on the head's host.
+    """
     import ray
     from ray.job_submission import JobSubmissionClient
 
@@ -257,10 +269,14 @@ def run_demo(profile: str, state: StateDir, keep_serving: bool) -> int:
     report_dir = state.reports / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     report_dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(profile, state, report_dir)
-    os.environ.pop("RAY_ADDRESS", None)  # the demo always runs on its own local head
-    context = ray.init(include_dashboard=True, num_cpus=max(2, os.cpu_count() or 2))
-    print(f"[fedforge] Ray head started; dashboard http://{context.dashboard_url}", flush=True)
-    demo.client = JobSubmissionClient(f"http://{context.dashboard_url}")
+    if address:
+        demo.client, demo.python = JobSubmissionClient(address), "python"
+        demo.host = urlparse(address).hostname or "127.0.0.1"
+    else:
+        os.environ.pop("RAY_ADDRESS", None)  # a local head of its own, never a stray cluster
+        context = ray.init(include_dashboard=True, num_cpus=max(2, os.cpu_count() or 2))
+        print(f"[fedforge] Ray head started; dashboard http://{context.dashboard_url}", flush=True)
+        demo.client = JobSubmissionClient(f"http://{context.dashboard_url}")
     try:
         demo.fine_tune()
         demo.federate()
@@ -285,5 +301,6 @@ def run_demo(profile: str, state: StateDir, keep_serving: bool) -> int:
         return 130
     finally:
         demo.stop_serving()
-        ray.shutdown()
+        if not address:
+            ray.shutdown()
     return 0

@@ -5,7 +5,7 @@ from federated.config import flower_run_config, from_run_config, load_federated_
 from tests.federated.conftest import REPO, write_config
 
 
-@pytest.mark.parametrize("name", ["demo", "tiny"])
+@pytest.mark.parametrize("name", ["demo", "tiny", "gpu"])
 def test_shipped_configs_load(name, monkeypatch):
     monkeypatch.chdir(REPO)  # their data paths are relative to the repository
     cfg = load_federated_config(REPO / "configs" / "federated" / f"{name}.yaml")
