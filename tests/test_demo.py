@@ -50,7 +50,7 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     assert fed.tags["fedforge.privacy.delta"] == "1e-05"
     # The gate: production is one of the two, the one with the better held-out accuracy.
     production = registry.aliases("fedforge-tiny")[PRODUCTION]
-    accuracy = {v.version: float(v.tags["fedforge.metric.eval_accuracy"]) for v in (fine, fed)}
+    accuracy = {str(v.version): float(v.tags["fedforge.metric.eval_accuracy"]) for v in (fine, fed)}
     assert accuracy[production] == max(accuracy.values())
     adapter = registry.download("fedforge-tiny", fed.version, tmp_path / "download")
     privacy = json.loads((adapter / PRIVACY_FILE).read_text())
