@@ -69,7 +69,7 @@ class DemoResult:
     endpoint: str = ""
     latencies: list[float] = field(default_factory=list)
     first_token: list[float] = field(default_factory=list)
-    cold_request: float = 0.0  # the first request to the adapter, loading it included
+    cold_start: float = 0.0  # serving job submitted -> first answer from the adapter
     answers: list[tuple[str, str]] = field(default_factory=list)
     minutes: float = 0.0
 
@@ -189,31 +189,33 @@ class Demo:
         self._ask(self.result.endpoint)
 
     def _ask(self, endpoint: str, timeout: float = 600.0) -> None:
-        from openai import APIConnectionError, APIStatusError, OpenAI
+        from openai import APIConnectionError, APIStatusError, APITimeoutError, OpenAI
 
         client = OpenAI(base_url=endpoint, api_key=self.api_key, max_retries=0, timeout=60)
-        deadline = time.monotonic() + timeout
-        while True:  # the endpoint is ready when it lists the adapter
+        # Ready means the adapter answers: the ingress lists models before the engine is up.
+        submitted, deadline = time.monotonic(), time.monotonic() + timeout
+        while True:
             status = self.client.get_job_status(self.serving_job)
             if status.is_terminal():
                 raise StageFailed("serve and ask", self.serving_job, None, f"job {status}")
             try:
-                if self.model_name in {m.id for m in client.models.list().data}:
-                    break
-            except (APIConnectionError, APIStatusError):
+                client.chat.completions.create(
+                    model=self.model_name,
+                    messages=[{"role": "user", "content": DEMO_PROMPTS[0]}],
+                    max_tokens=1,
+                )
+                break
+            except (APIConnectionError, APIStatusError, APITimeoutError):
                 pass
             if time.monotonic() > deadline:
                 raise StageFailed("serve and ask", self.serving_job, None, "endpoint not ready")
             time.sleep(2)
-        print(f"    [fedforge] endpoint ready at {endpoint}; sending requests", flush=True)
-        # The first request loads the adapter into the engine: timed apart from the rest.
-        started = time.perf_counter()
-        client.chat.completions.create(
-            model=self.model_name,
-            messages=[{"role": "user", "content": DEMO_PROMPTS[0]}],
-            max_tokens=1,
+        self.result.cold_start = time.monotonic() - submitted
+        print(
+            f"    [fedforge] {endpoint} answered {self.result.cold_start:.0f} s after the serving "
+            "job was submitted; sending requests",
+            flush=True,
         )
-        self.result.cold_request = time.perf_counter() - started
         for i in range(self.profile.requests):
             prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
             started = time.perf_counter()

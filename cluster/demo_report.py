@@ -40,7 +40,7 @@ def summary_rows(result, model_name: str) -> list[tuple[str, str]]:
         ("endpoint", f"{result.endpoint} (model '{model_name}')"),
         (f"first token p50 / p99 ({len(result.latencies)} streamed requests)",
          f"{_ms(result.first_token, 0.5)} / {_ms(result.first_token, 0.99)}"),
-        ("first request (loads the adapter)", f"{result.cold_request * 1000:.0f} ms"),
+        ("cold start: serving job submitted -> first answer", f"{result.cold_start:.0f} s"),
         ("8-token answer p50 / p99",
          f"{_ms(result.latencies, 0.5)} / {_ms(result.latencies, 0.99)}"),
         ("wall time", f"{result.minutes:.1f} min"),

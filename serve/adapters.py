@@ -10,6 +10,7 @@ so a promote or rollback never overwrites anything: the ingress re-reads the ali
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -72,9 +73,14 @@ class AdapterSource:
     refresh_seconds: float = 10.0
 
 
+@functools.cache  # the table is re-read every few seconds: say it once per name
+def _warn_unservable(name: str) -> None:
+    log.warning("registered model '%s' is not served: its name is not a usable model id", name)
+
+
 def _servable_name(name: str, source: AdapterSource) -> bool:
     if ":" in name or name == source.base_id:
-        log.warning("registered model '%s' is not served: its name is not a usable model id", name)
+        _warn_unservable(name)
         return False
     return source.models is None or name in source.models
 

@@ -24,7 +24,7 @@ from tests.serve.conftest import register
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 KEY = "sk-fedforge-test"
-MODEL = "fedforge-tiny"
+MODEL = "fedforge-tiny-base"
 
 
 @pytest.fixture(scope="module")

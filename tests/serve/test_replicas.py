@@ -41,7 +41,7 @@ def test_min_replicas_two_runs_two_engines(provisioned, tmp_path, monkeypatch):
                 f"{url}/completions",
                 headers={"Authorization": f"Bearer {KEY}"},
                 timeout=60,
-                json={"model": "fedforge-tiny", "prompt": "Hi", "max_tokens": 2},
+                json={"model": "fedforge-tiny-base", "prompt": "Hi", "max_tokens": 2},
             )
             assert reply.status_code == 200
     finally:
