@@ -11,6 +11,7 @@ from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 
 from cluster.config import load_config
+from cluster.registry import Registry
 from cluster.state import StateDir
 from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
@@ -39,6 +40,9 @@ def adapter_options(cfg: ServeConfig, state: StateDir) -> dict:
     if not cfg.adapters.enabled:
         return {}
     cache_dir = cfg.adapters.cache_dir or str(state.root / "serve" / "adapters")
+    # Open the store here, once: a fresh SQLite store is created and migrated on first use, and
+    # replicas starting together would race on that migration (alembic fails for all but one).
+    Registry(tracking_uri(cfg, state))
     return {
         # No dynamic_lora_loading_path: AdapterLLMServer fetches from the registry instead.
         "lora_config": {"max_num_adapters_per_replica": cfg.adapters.max_per_replica},

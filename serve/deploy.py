@@ -42,11 +42,20 @@ def serve_config_file(cfg: ServeConfig, config_path: str, state: StateDir) -> di
     }
 
 
+class DeployError(RuntimeError):
+    """The application failed to deploy; the message is Serve's reason."""
+
+
 def deploy(cfg: ServeConfig, state: StateDir) -> str:
     """Start the app and return its base URL once every replica is ready."""
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     started = time.monotonic()
     serve.run(build_app(cfg, state), name=cfg.name, route_prefix="/", blocking=False)
+    # serve.run returns once the ingress is up; the engine replicas may still be loading.
+    while (status := serve.status().applications[cfg.name].status) != "RUNNING":
+        if status == "DEPLOY_FAILED":
+            raise DeployError(serve.status().applications[cfg.name].message)
+        time.sleep(1)
     url = f"http://{cfg.http_host}:{cfg.http_port}/v1"
     print(f"[fedforge] endpoint ready at {url} in {time.monotonic() - started:.0f} s", flush=True)
     return url
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         connect(args.address, metrics_export_port=cfg.metrics_port)
         deploy(cfg, state)
-    except (ConfigError, ApiKeyError) as exc:
+    except (ConfigError, ApiKeyError, DeployError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
