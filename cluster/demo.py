@@ -1,4 +1,4 @@
-"""The main job, end to end: fine-tune → federate with DP → gate → serve → ask.
+"""The main job, end to end: fine-tune → federate with DP → gate → verify → serve → ask.
 
 Each stage is a Ray job (the module a user would `ray job submit`), sent to a Ray head this
 process starts, so the dashboard shows every stage. Job logs go to files under the report
@@ -23,7 +23,7 @@ from cluster.registry import PRODUCTION, Registry
 from cluster.state import StateDir
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = 4
+STAGES = 5
 DEMO_PROMPTS = [
     "Route this support ticket: I was charged twice for my subscription. Please help.",
     "Route this support ticket: My parcel never arrived and tracking has not moved.",
@@ -180,10 +180,15 @@ class Demo:
             )
         print(f"    [fedforge] {self.result.gate}", flush=True)
 
+    def verify(self) -> None:
+        """Evaluate the production version as served: downloaded back from the registry."""
+        args = ["--config", self.profile.finetune, "--ref", PRODUCTION]
+        self._stage(4, "verify production from the registry", "llm.evaluate_registered", args)
+
     def serve_and_ask(self) -> None:
         env = {"FEDFORGE_API_KEYS": self.api_key}
         args = ["--config", self.profile.serve]
-        self.serving_job = self._stage(4, "serve and ask", "serve.deploy", args, env, wait=False)
+        self.serving_job = self._stage(5, "serve and ask", "serve.deploy", args, env, wait=False)
         serve_cfg = yaml.safe_load((REPO / self.profile.serve).read_text())
         self.result.endpoint = f"http://{self.host}:{serve_cfg['http_port']}/v1"
         self._ask(self.result.endpoint)
@@ -283,6 +288,7 @@ def run_demo(profile: str, state: StateDir, keep_serving: bool, address: str | N
         demo.fine_tune()
         demo.federate()
         demo.gate()
+        demo.verify()
         demo.serve_and_ask()
         demo.result.minutes = (time.monotonic() - started) / 60
         report = write_report(demo.result, demo.registry, state, report_dir, demo.model_name)

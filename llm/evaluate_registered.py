@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows = [("base model", base), (f"{name} v{version.version} (from registry)", tuned)]
-    print(f"\nheld-out evaluation on {tuned.examples} examples never trained on")
-    print(f"{'model':<40} {'accuracy':>9} {'perplexity':>11} {'loss':>7}")
-    for label, result in rows:
-        print(f"{label:<40} {result.accuracy:>9.1%} {result.perplexity:>11.2f} {result.loss:>7.3f}")
+    print(f"[fedforge] held-out evaluation on {tuned.examples} examples never trained on")
+    print(f"[fedforge] {'model':<40} {'accuracy':>9} {'perplexity':>11} {'loss':>7}")
+    for label, r in rows:
+        print(f"[fedforge] {label:<40} {r.accuracy:>9.1%} {r.perplexity:>11.2f} {r.loss:>7.3f}")
     report = state.reports / f"{name}-v{version.version}-eval.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
-    print(f"report: {report}")
+    print(f"[fedforge] report: {report}")
     return 0
 
 

@@ -37,8 +37,9 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-3000:]
-    for stage in ("stage 1/4: fine-tune", "stage 2/4: federate", "stage 3/4: gate", "4/4: serve"):
-        assert stage in out
+    stages = ("1/5: fine-tune", "2/5: federate", "3/5: gate", "4/5: verify", "5/5: serve")
+    assert all(f"stage {stage}" in out for stage in stages), out[-3000:]
+    assert "(from registry)" in out  # production evaluated after downloading it back
     # The OpenAI client got its answer from the registered adapter, named by its version.
     assert re.search(r"fedforge-tiny:\d+ answered:", out), out[-2000:]
     assert "demo finished in" in out
