@@ -24,6 +24,7 @@ from cluster.state import StateDir
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = 5
+SERVE = "serve and ask"  # the last stage; its job runs until the demo stops it
 DEMO_PROMPTS = [
     "Route this support ticket: I was charged twice for my subscription. Please help.",
     "Route this support ticket: My parcel never arrived and tracking has not moved.",
@@ -105,7 +106,7 @@ class Demo:
     ) -> str:
         """Run one stage as a Ray job; echo its progress lines; raise StageFailed on failure."""
         print(f"\n[fedforge] stage {n}/{STAGES}: {name}", flush=True)
-        log = self.report_dir / f"{n}-{name.split()[0]}.log"
+        log = self._log(n, name)
         args = [*args, "--state-dir", str(self.state.root)]
         job_id = submit_job(self.client, module, args, env, python=self.python)
         if not wait:
@@ -127,6 +128,9 @@ class Demo:
         if not ok:
             raise StageFailed(name, job_id, log)
         return job_id
+
+    def _log(self, n: int, name: str) -> Path:
+        return self.report_dir / f"{n}-{name.split()[0]}.log"
 
     def _newest(self, kind: str) -> dict:
         version = max(self.registry.versions(self.model_name), key=lambda v: int(v.version))
@@ -188,7 +192,7 @@ class Demo:
     def serve_and_ask(self) -> None:
         env = {"FEDFORGE_API_KEYS": self.api_key}
         args = ["--config", self.profile.serve]
-        self.serving_job = self._stage(5, "serve and ask", "serve.deploy", args, env, wait=False)
+        self.serving_job = self._stage(STAGES, SERVE, "serve.deploy", args, env, wait=False)
         serve_cfg = yaml.safe_load((REPO / self.profile.serve).read_text())
         self.result.endpoint = f"http://{self.host}:{serve_cfg['http_port']}/v1"
         self._ask(self.result.endpoint)
@@ -199,10 +203,11 @@ class Demo:
         client = OpenAI(base_url=endpoint, api_key=self.api_key, max_retries=0, timeout=60)
         # Ready means the adapter answers: the ingress lists models before the engine is up.
         submitted, deadline = time.monotonic(), time.monotonic() + timeout
+        log = self._log(STAGES, SERVE)  # written when the demo stops the serving job
         while True:
             status = self.client.get_job_status(self.serving_job)
             if status.is_terminal():
-                raise StageFailed("serve and ask", self.serving_job, None, f"job {status}")
+                raise StageFailed(SERVE, self.serving_job, log, f"job {status}")
             try:
                 client.chat.completions.create(
                     model=self.model_name,
@@ -213,7 +218,7 @@ class Demo:
             except (APIConnectionError, APIStatusError, APITimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise StageFailed("serve and ask", self.serving_job, None, "endpoint not ready")
+                raise StageFailed(SERVE, self.serving_job, log, "endpoint not ready")
             time.sleep(2)
         self.result.cold_start = time.monotonic() - submitted
         print(
@@ -257,7 +262,7 @@ class Demo:
                     break
                 time.sleep(1)
         if self.serving_job:
-            (self.report_dir / "4-serve.log").write_text(self.client.get_job_logs(self.serving_job))
+            self._log(STAGES, SERVE).write_text(self.client.get_job_logs(self.serving_job))
 
 
 def run_demo(profile: str, state: StateDir, keep_serving: bool, address: str | None = None) -> int:

@@ -141,8 +141,8 @@ def worst_case_history(cfg: FederatedConfig, rounds_before: int) -> History:
     """
     if rounds_before == 0 or cfg.privacy.mode != "local_dp":
         return []
-    steps, rate = cfg.dp_steps_and_rate()
-    return [(cfg.noise_multiplier(), rate, rounds_before * (steps // cfg.federation.rounds))]
+    _, rate = cfg.dp_steps_and_rate()
+    return [(cfg.noise_multiplier(), rate, rounds_before * cfg.federation.local_steps)]
 
 
 def train_for_node(
