@@ -3,7 +3,7 @@
 Ray Serve LLM 2.60 fetches adapters from `lora_config.dynamic_lora_loading_path`, which must be
 an s3/gs/azure URI (local paths fail an assert). Its `LLMServer` takes the fetching class as an
 argument (`model_downloader`) and `LLMConfig.server_cls` names the server class, so this module
-plugs in there: `AdapterLLMServer` is the stock server with `RegistryAdapterLoader`, which
+plugs in there: `serve.engine.EngineServer` is the stock server with `RegistryAdapterLoader`, which
 downloads the registry version named by the multiplexed id (`<base>:<name>:<version>`, see
 serve.adapters) into a local cache. With an MLflow server as the registry (`registry.tracking_uri`)
 this works on every node; with the default SQLite registry, on the node that holds the state dir.
@@ -16,13 +16,12 @@ import logging
 import shutil
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from ray.llm._internal.common.models import global_id_manager
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.serve.llm import LLMConfig, LLMServer
+from ray.serve.llm import LLMConfig
 
 from cluster.registry import ARTIFACT_PATH_TAG, Registry
 from serve.adapters import parse_engine_id
@@ -94,15 +93,3 @@ class RegistryAdapterLoader:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
-
-
-class AdapterLLMServer(LLMServer):
-    """The stock engine replica, fetching adapters through RegistryAdapterLoader."""
-
-    async def __init__(self, llm_config: LLMConfig, **kwargs):
-        store = llm_config.experimental_configs.get(STORE_KEY)
-        if store and "model_downloader" not in kwargs:
-            kwargs["model_downloader"] = partial(
-                RegistryAdapterLoader, store["tracking_uri"], store["cache_dir"]
-            )
-        await super().__init__(llm_config, **kwargs)

@@ -42,13 +42,20 @@ def load_key_hashes(settings: AuthSettings, environ: dict[str, str] | None = Non
     return hashes
 
 
+def bearer_hash(authorization: str | None) -> str | None:
+    """The hash of the key in `Authorization: Bearer <key>`, None without one."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return hash_key(key.strip())
+
+
 def is_authorized(authorization: str | None, key_hashes: list[str]) -> bool:
     """True for `Bearer <key>` whose hash is known, or when no keys are configured."""
     if not key_hashes:
         return True
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key:
+    candidate = bearer_hash(authorization)
+    if candidate is None:
         return False
-    candidate = hash_key(key.strip())
     # Compare against every hash so timing does not tell which one was close.
     return any([hmac.compare_digest(candidate, known) for known in key_hashes])

@@ -7,8 +7,12 @@
 
 from __future__ import annotations
 
+from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.serve import Application
-from ray.serve.llm import LLMConfig, build_openai_app
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import make_fastapi_ingress
 
 from cluster.config import load_config
 from cluster.registry import Registry
@@ -17,9 +21,12 @@ from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
 from serve.api_keys import load_key_hashes
 from serve.config import ServeConfig
+from serve.ingress import KeyCheckedIngress
 
-INGRESS_CLASS = "serve.ingress:KeyCheckedIngress"
-ADAPTER_SERVER_CLASS = "serve.adapter_loader:AdapterLLMServer"
+# Ray Serve LLM's OpenAI routes plus a readiness route (see KeyCheckedIngress.health).
+ENDPOINTS = {**DEFAULT_ENDPOINTS, "health": lambda app: app.get("/health")}
+ENGINE_SERVER_CLASS = "serve.engine:EngineServer"
+LOCAL_MODEL_CALLBACK = "serve.engine:LocalModelCallback"
 
 
 def resolve_model_source(base: str, state: StateDir) -> str:
@@ -44,9 +51,8 @@ def adapter_options(cfg: ServeConfig, state: StateDir) -> dict:
     # replicas starting together would race on that migration (alembic fails for all but one).
     Registry(tracking_uri(cfg, state))
     return {
-        # No dynamic_lora_loading_path: AdapterLLMServer fetches from the registry instead.
+        # No dynamic_lora_loading_path: EngineServer fetches from the registry instead.
         "lora_config": {"max_num_adapters_per_replica": cfg.adapters.max_per_replica},
-        "server_cls": ADAPTER_SERVER_CLASS,
         "experimental_configs": {
             STORE_KEY: {"tracking_uri": tracking_uri(cfg, state), "cache_dir": cache_dir}
         },
@@ -94,6 +100,8 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
             "enforce_eager": cfg.engine.enforce_eager,
             **lora_engine,
         },
+        server_cls=ENGINE_SERVER_CLASS,
+        callback_config={"callback_class": LOCAL_MODEL_CALLBACK},
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gb)}},
         deployment_config={
             "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -112,21 +120,23 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
 
 
 def build_app(cfg: ServeConfig, state: StateDir) -> Application:
-    return build_openai_app(
-        {
-            "llm_configs": [llm_config(cfg, state)],
-            "ingress_cls_config": {
-                "ingress_cls": INGRESS_CLASS,
-                "ingress_extra_kwargs": {
-                    "api_key_hashes": load_key_hashes(cfg.auth),
-                    "max_model_len": cfg.engine.max_model_len,
-                    "adapter_source": adapter_source(cfg, state),
-                },
-            },
-            # The ingress only routes; with its default CPU a 2-CPU node never schedules it
-            # next to the engine replica and its bundle.
-            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
-        }
+    """Ray Serve LLM's OpenAI app, composed the way its docs show for a custom ingress
+    (build_openai_app takes no extra routes)."""
+    config = llm_config(cfg, state)
+    options = KeyCheckedIngress.get_deployment_options([config])
+    # The ingress only routes; with its default CPU a 2-CPU node never schedules it next to
+    # the engine replica and its bundle.
+    options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
+    ingress = make_fastapi_ingress(KeyCheckedIngress, endpoint_map=ENDPOINTS)
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={cfg.model_id: build_llm_deployment(config)},
+        model_cards={cfg.model_id: to_model_metadata(cfg.model_id, config)},
+        api_key_hashes=load_key_hashes(cfg.auth),
+        max_model_len=cfg.engine.max_model_len,
+        adapter_source=adapter_source(cfg, state),
+        rate_limit=(cfg.auth.rate_limit_per_minute, cfg.auth.rate_limit_burst)
+        if cfg.auth.rate_limit_per_minute
+        else None,
     )
 
 

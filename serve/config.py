@@ -52,6 +52,15 @@ class AuthSettings(Section):
         None, description="File with one key or `sha256:<hex>` per line (hashes preferred)."
     )
     required: bool = Field(True, description="Refuse to start without at least one key.")
+    rate_limit_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="Completions per minute each key may send (429 + Retry-After past it); "
+        "null = no limit. Counted per ingress replica.",
+    )
+    rate_limit_burst: int = Field(
+        10, ge=1, description="Requests a key may send at once before the per-minute rate applies."
+    )
 
 
 class AdapterSettings(Section):

@@ -3,20 +3,26 @@
 Ray Serve LLM has no key check (ray-project/ray#55369); its maintainers point to a custom ingress
 class. This one keeps the stock constructor, checks `Authorization: Bearer` on every model route,
 parses bodies itself so bad ones get a 400 (see serve.errors), resolves registry adapter ids
-(see serve.adapters), then delegates to the stock handlers.
+(see serve.adapters), then delegates to the stock handlers. `GET /health` is a readiness probe.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
 from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from serve.adapters import AdapterSource, AdapterTable, AdapterWatcher
-from serve.api_keys import is_authorized
+from serve.api_keys import bearer_hash, is_authorized
 from serve.errors import BadRequest, openai_error, parse_body
+from serve.rate_limit import RateLimiter
 from serve.relabel import relabel
 
 
@@ -30,6 +36,7 @@ class KeyCheckedIngress(OpenAiIngress):
         api_key_hashes=(),
         max_model_len=2048,
         adapter_source: AdapterSource | None = None,
+        rate_limit: tuple[float, int] | None = None,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
@@ -37,6 +44,7 @@ class KeyCheckedIngress(OpenAiIngress):
         self._max_model_len = max_model_len
         (self._base_id,) = self._model_cards  # one base model per app
         self._adapters = AdapterWatcher(adapter_source) if adapter_source else None
+        self._limiter = RateLimiter(*rate_limit) if rate_limit else None
 
     def _table(self) -> AdapterTable:
         """The current snapshot; take it once per request so one answer sees one table."""
@@ -65,6 +73,23 @@ class KeyCheckedIngress(OpenAiIngress):
             401,
             "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
             code="invalid_api_key",
+        )
+
+    def _over_rate_limit(self, request: Request) -> Response | None:
+        if self._limiter is None:
+            return None
+        caller = bearer_hash(request.headers.get("authorization")) or "anonymous"
+        wait_s = self._limiter.wait_s(caller)
+        if not wait_s:
+            return None
+        retry_after = math.ceil(wait_s)
+        return openai_error(
+            429,
+            f"Rate limit reached for this API key ({self._limiter.rate * 60:g} requests per "
+            f"minute); retry after {retry_after} s.",
+            type_="requests",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after)},
         )
 
     async def _parsed(self, request: Request, model, kind: str):
@@ -104,7 +129,7 @@ class KeyCheckedIngress(OpenAiIngress):
             )
 
     async def _generate(self, handler, request: Request, model, kind: str) -> Response:
-        if refusal := self._refusal(request):
+        if refusal := self._refusal(request) or self._over_rate_limit(request):
             return refusal
         parsed = await self._parsed(request, model, kind)
         if isinstance(parsed, Response):
@@ -134,3 +159,24 @@ class KeyCheckedIngress(OpenAiIngress):
                 404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
             )
         return card
+
+    async def health(self) -> Response:
+        """200 once every deployment of this app has a running replica, else 503 naming the
+        ones that do not: the ingress answers (and lists models) well before the engine
+        replica has loaded the model. No key needed, like a load balancer's or Kubernetes'
+        probe. Read from Serve's controller, so a busy engine still reads as ready."""
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        deployments = status.applications[app_name].deployments
+        waiting = sorted(
+            name for name, d in deployments.items() if not d.replica_states.get("RUNNING")
+        )
+        if waiting:
+            return openai_error(
+                503,
+                f"Not ready: no running replica yet for {', '.join(waiting)}.",
+                type_="service_unavailable",
+                code="not_ready",
+                headers={"Retry-After": "5"},
+            )
+        return JSONResponse({"status": "ok", "deployments": sorted(deployments)})

@@ -112,6 +112,14 @@ def test_models_lists_the_served_model(endpoint):
     assert [m["id"] for m in listed["data"]][0] == MODEL
 
 
+def test_health_needs_no_key_and_reports_every_deployment_ready(endpoint):
+    reply = httpx.get(endpoint.removesuffix("/v1") + "/health")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["status"] == "ok"
+    assert any("EngineServer" in name for name in body["deployments"])
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"}])
 def test_missing_or_wrong_key_gets_401_in_openai_shape(endpoint, headers):
     for method, path, body in [
@@ -251,7 +259,7 @@ def engine_replicas() -> set[str]:
     return {
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if "LLMServer" in a["name"]
+        if "EngineServer" in a["name"]
     }
 
 
