@@ -158,11 +158,16 @@ async def sweep_level(url: str, model: str, concurrency: int, requests: int, tok
     }
 
 
+def requests_at(concurrency: int) -> int:
+    """Requests per level: at least 4 waves, so one slow request moves the p50s less."""
+    return max(16, 4 * concurrency)
+
+
 def run_sweep(name: str, url: str, model: str, levels: list[int], tokens: int) -> list[dict]:
     asyncio.run(sweep_level(url, model, 1, 2, tokens))  # warm-up
     rows = []
     for c in levels:
-        stats = asyncio.run(sweep_level(url, model, c, max(8, 2 * c), tokens))
+        stats = asyncio.run(sweep_level(url, model, c, requests_at(c), tokens))
         rows.append({"server": name, "concurrency": c, **stats})
         print(f"  {name} c={c}: {stats}", flush=True)
     return rows
@@ -299,7 +304,7 @@ def main() -> None:
 
     print(
         f"\n{cfg.model.base} ({cfg.engine.dtype}), streamed chat answers of {args.tokens} "
-        f"tokens, {max(8, 2 * levels[0])}+ requests per level; cold start (process start to "
+        f"tokens, {requests_at(levels[0])}+ requests per level; cold start (process start to "
         "first answer; fedforge includes starting a local Ray head): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in cold.items())
     )

@@ -73,6 +73,11 @@ def adapter_source(cfg: ServeConfig, state: StateDir) -> AdapterSource | None:
 
 def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
     scaling = cfg.autoscaling
+    adapters = adapter_options(cfg, state)
+    experimental = {
+        "stream_batching_interval_ms": cfg.engine.stream_batching_ms,
+        **adapters.pop("experimental_configs", {}),
+    }
     lora_engine = (
         {
             "enable_lora": True,
@@ -115,7 +120,8 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
                 "downscale_delay_s": scaling.downscale_delay_s,
             },
         },
-        **adapter_options(cfg, state),
+        experimental_configs=experimental,
+        **adapters,
     )
 
 

@@ -24,6 +24,12 @@ class EngineSettings(Section):
     max_loras: int = Field(
         4, ge=1, description="vLLM max_loras: adapters one batch may mix (LRU in the engine)."
     )
+    stream_batching_ms: float = Field(
+        50,
+        ge=0,
+        description="Ray Serve LLM gathers a stream's chunks this long before passing them on "
+        "(fewer messages between replicas); the first token waits for it too. 0 = every chunk.",
+    )
 
 
 class AutoscalingSettings(Section):
