@@ -42,21 +42,13 @@ def tracking_uri(cfg: ServeConfig, state: StateDir) -> str:
     return cfg.registry.tracking_uri or state.default_tracking_uri()
 
 
-def adapter_options(cfg: ServeConfig, state: StateDir) -> dict:
-    """The LLMConfig fields that turn on registry adapters (multi-LoRA); empty when disabled."""
-    if not cfg.adapters.enabled:
-        return {}
-    cache_dir = cfg.adapters.cache_dir or str(state.root / "serve" / "adapters")
+def adapter_store(cfg: ServeConfig, state: StateDir) -> dict:
+    """Where engine replicas fetch registry adapters from (see serve.engine.EngineServer)."""
     # Open the store here, once: a fresh SQLite store is created and migrated on first use, and
     # replicas starting together would race on that migration (alembic fails for all but one).
     Registry(tracking_uri(cfg, state))
-    return {
-        # No dynamic_lora_loading_path: EngineServer fetches from the registry instead.
-        "lora_config": {"max_num_adapters_per_replica": cfg.adapters.max_per_replica},
-        "experimental_configs": {
-            STORE_KEY: {"tracking_uri": tracking_uri(cfg, state), "cache_dir": cache_dir}
-        },
-    }
+    cache_dir = cfg.adapters.cache_dir or str(state.root / "serve" / "adapters")
+    return {"tracking_uri": tracking_uri(cfg, state), "cache_dir": cache_dir}
 
 
 def adapter_source(cfg: ServeConfig, state: StateDir) -> AdapterSource | None:
@@ -73,20 +65,19 @@ def adapter_source(cfg: ServeConfig, state: StateDir) -> AdapterSource | None:
 
 def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
     scaling = cfg.autoscaling
-    adapters = adapter_options(cfg, state)
-    experimental = {
-        "stream_batching_interval_ms": cfg.engine.stream_batching_ms,
-        **adapters.pop("experimental_configs", {}),
-    }
-    lora_engine = (
-        {
+    experimental = {"stream_batching_interval_ms": cfg.engine.stream_batching_ms}
+    lora_engine, lora_options = {}, {}
+    if cfg.adapters.enabled:
+        lora_engine = {
             "enable_lora": True,
             "max_loras": cfg.engine.max_loras,
             "max_lora_rank": cfg.engine.max_lora_rank,
         }
-        if cfg.adapters.enabled
-        else {}
-    )
+        # No dynamic_lora_loading_path: EngineServer fetches from the registry instead.
+        lora_options = {
+            "lora_config": {"max_num_adapters_per_replica": cfg.adapters.max_per_replica}
+        }
+        experimental[STORE_KEY] = adapter_store(cfg, state)
     return LLMConfig(
         model_loading_config={
             "model_id": cfg.model_id,
@@ -121,7 +112,7 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
             },
         },
         experimental_configs=experimental,
-        **adapters,
+        **lora_options,
     )
 
 
