@@ -11,7 +11,7 @@ test: setup
 	.venv/bin/pytest
 
 test-fast: setup
-	.venv/bin/pytest -m "not slow"
+	.venv/bin/pytest -m "not integration"
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

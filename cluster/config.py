@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cluster.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration file is missing, unreadable or invalid. The message is meant for users."""
 
 
@@ -129,7 +132,7 @@ class FinetuneConfig(Section):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @model_validator(mode="after")
-    def _checkpoints_fit_in_run(self) -> FinetuneConfig:
+    def _warmup_fits_in_run(self) -> FinetuneConfig:
         if self.train.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) must be smaller than "
@@ -166,6 +169,19 @@ def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
     except ValidationError as exc:
         problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
         raise ConfigError(f"{path}: invalid {model.__name__}:\n{problems}") from None
+
+
+def dump_config(config: BaseModel, path: str | Path | None = None) -> str:
+    """The config as YAML (what `load_config` reads back to an equal object); written to `path`
+    atomically when one is given."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(text)
+        os.replace(staging, path)
+    return text
 
 
 def config_hash(config: BaseModel) -> str:

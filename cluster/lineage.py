@@ -1,7 +1,9 @@
-"""Lineage of a registered model version: what it was made from and where.
+"""Lineage of a registered adapter version: what it was made from, how, and where.
 
-Everything becomes an MLflow tag (strings), so `fedforge registry show` and the MLflow UI show the
-same record and a version can be reproduced from it.
+This module names every tag fedforge writes to MLflow. A version's lineage is one typed record,
+`Lineage`, stored as string tags (`fedforge.<field>`, `fedforge.metric.<name>`,
+`fedforge.privacy.<field>`) so the MLflow UI and `fedforge registry show` show the same thing;
+reading a version gives the record back, never a dict of strings.
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ import json
 import os
 import platform
 import subprocess
+from typing import Any
 
-import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.config import config_hash
+from cluster.config import config_hash, dump_config
+from cluster.privacy_record import PrivacyBudget
 
 TAG_PREFIX = "fedforge."
+METRIC_PREFIX = TAG_PREFIX + "metric."
+PRIVACY_PREFIX = TAG_PREFIX + "privacy."
+# Kept by the registry itself: where a version's files sit in its run, and the alias history.
+ARTIFACT_PATH_TAG = TAG_PREFIX + "artifact_path"
+PRODUCTION_HISTORY_TAG = TAG_PREFIX + "production_history"
+
 TRACKED_PACKAGES = (
     "fedforge",
     "torch",
@@ -31,8 +40,6 @@ TRACKED_PACKAGES = (
     "vllm",
 )
 GIT_REVISION_ENV = "FEDFORGE_GIT_REVISION"
-# A federated adapter carries its privacy guarantee with it, in its own directory.
-PRIVACY_FILE = "privacy.json"
 
 
 def git_revision() -> str:
@@ -64,26 +71,86 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def lineage_tags(
-    *,
-    kind: str,
-    config: BaseModel,
-    base_model: str,
-    dataset_sha256: str,
-    metrics: dict[str, float],
-    extra: dict[str, str] | None = None,
-) -> dict[str, str]:
-    tags = {
-        "kind": kind,
-        "base_model": base_model,
-        "dataset_sha256": dataset_sha256,
-        "config_sha256": config_hash(config),
-        "config": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-        "git_revision": git_revision(),
-        "packages": json.dumps(package_versions(), sort_keys=True),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
-        **(extra or {}),
-    }
-    return {TAG_PREFIX + k: v for k, v in tags.items()}
+class Lineage(BaseModel):
+    """Everything recorded about one registered version. Fields a version predates stay unset."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str = Field(description="'finetune' or 'federated' (tests register 'test').")
+    base_model: str = Field(description="The config's model.base the adapter was trained on.")
+    run_name: str = ""
+    lora_rank: int | None = Field(None, description="LoRA r: the engine must allow it.")
+    dataset_sha256: str = ""
+    config_sha256: str = ""
+    config: str = Field("", description="The whole validated job config, as YAML.")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    validation_examples: int | None = None
+    privacy: PrivacyBudget | None = None
+    git_revision: str = ""
+    packages: dict[str, str] = Field(default_factory=dict)
+    python: str = ""
+    platform: str = ""
+
+    @classmethod
+    def of_run(
+        cls,
+        *,
+        kind: str,
+        config: Any,
+        dataset_sha256: str,
+        metrics: dict[str, float],
+        validation_examples: int,
+        privacy: PrivacyBudget | None = None,
+    ) -> Lineage:
+        """The lineage of a run of `config` (a fine-tune or federated config) made here, now."""
+        return cls(
+            kind=kind,
+            base_model=config.model.base,
+            run_name=config.name,
+            lora_rank=config.lora.r,
+            dataset_sha256=dataset_sha256,
+            config_sha256=config_hash(config),
+            config=dump_config(config),
+            metrics=metrics,
+            validation_examples=validation_examples,
+            privacy=privacy,
+            git_revision=git_revision(),
+            packages=package_versions(),
+            python=platform.python_version(),
+            platform=platform.platform(),
+        )
+
+    def to_tags(self) -> dict[str, str]:
+        tags: dict[str, str] = {}
+        for key, value in self.model_dump(exclude={"metrics", "privacy"}).items():
+            if value in (None, "", {}):
+                continue
+            tags[TAG_PREFIX + key] = json.dumps(value, sort_keys=True) if key == "packages" else str(value)
+        tags.update({METRIC_PREFIX + k: f"{v:.6g}" for k, v in self.metrics.items()})
+        if self.privacy is not None:
+            for key, value in self.privacy.model_dump().items():
+                tags[PRIVACY_PREFIX + key] = str(value)
+        return tags
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Lineage:
+        fields: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
+        privacy: dict[str, Any] = {}
+        for key, value in tags.items():
+            if key.startswith(METRIC_PREFIX):
+                metrics[key.removeprefix(METRIC_PREFIX)] = float(value)
+            elif key.startswith(PRIVACY_PREFIX):
+                privacy[key.removeprefix(PRIVACY_PREFIX)] = None if value == "None" else value
+            elif key.startswith(TAG_PREFIX):
+                fields[key.removeprefix(TAG_PREFIX)] = value
+        fields = {k: v for k, v in fields.items() if k in cls.model_fields}
+        if "packages" in fields:
+            fields["packages"] = json.loads(fields["packages"])
+        fields.setdefault("kind", "unknown")
+        fields.setdefault("base_model", "unknown")
+        return cls(
+            **fields,
+            metrics=metrics,
+            privacy=PrivacyBudget.model_validate(privacy) if privacy else None,
+        )

@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -21,18 +22,46 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from cluster.config import RegistrySettings
+from cluster.errors import UserError
+from cluster.lineage import ARTIFACT_PATH_TAG, PRODUCTION_HISTORY_TAG, Lineage
 from cluster.state import StateDir
 
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
-HISTORY_TAG = "fedforge.production_history"
-ARTIFACT_PATH_TAG = "fedforge.artifact_path"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError):
     """A registry operation cannot be done as asked. The message is for users."""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One registered adapter version, as fedforge reads it back."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    artifact_path: str
+    lineage: Lineage
+
+    @classmethod
+    def of(cls, version: ModelVersion) -> VersionRecord:
+        return cls(
+            name=version.name,
+            version=str(version.version),
+            run_id=version.run_id,
+            source=version.source,
+            artifact_path=version.tags.get(ARTIFACT_PATH_TAG, ""),
+            lineage=Lineage.from_tags(version.tags),
+        )
+
+
+def tracking_uri(settings: RegistrySettings, state: StateDir) -> str:
+    """The configured MLflow server, else the SQLite store in the state dir."""
+    return settings.tracking_uri or state.default_tracking_uri()
 
 
 class Registry:
@@ -43,9 +72,11 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: RegistrySettings, state: StateDir) -> Registry:
+        """The registry a job's `registry` section names (artifacts in the state dir when the
+        store is the default local one)."""
         if settings.tracking_uri:
             return cls(settings.tracking_uri)
-        return cls(state.default_tracking_uri(), state.mlflow_artifacts)
+        return cls(tracking_uri(settings, state), state.mlflow_artifacts)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -83,9 +114,9 @@ class Registry:
         name: str,
         adapter_dir: Path,
         run_id: str,
-        tags: dict[str, str],
+        lineage: Lineage,
         alias: str | None = CANDIDATE,
-    ) -> ModelVersion:
+    ) -> VersionRecord:
         """Upload `adapter_dir` to the run and register it as a new version of `name`."""
         artifact_path = f"adapter-{uuid.uuid4().hex[:12]}"
         # Artifacts first: a failure here leaves an orphan upload in the run, never a version.
@@ -96,7 +127,10 @@ class Registry:
         except MlflowException:
             self.client.create_registered_model(name, description="fedforge LoRA adapters")
         version = self.client.create_model_version(
-            name, source=source, run_id=run_id, tags={**tags, ARTIFACT_PATH_TAG: artifact_path}
+            name,
+            source=source,
+            run_id=run_id,
+            tags={**lineage.to_tags(), ARTIFACT_PATH_TAG: artifact_path},
         )
         try:
             if alias:
@@ -107,11 +141,11 @@ class Registry:
             )
             self.client.delete_model_version(name, version.version)
             raise
-        return self.client.get_model_version(name, version.version)
+        return self.get(name, version.version)
 
-    def versions(self, name: str) -> list[ModelVersion]:
+    def versions(self, name: str) -> list[VersionRecord]:
         found = self.client.search_model_versions(f"name = '{name}'")
-        return sorted(found, key=lambda v: int(v.version))
+        return sorted((VersionRecord.of(v) for v in found), key=lambda v: int(v.version))
 
     def model_names(self) -> list[str]:
         return sorted(m.name for m in self.client.search_registered_models())
@@ -120,12 +154,12 @@ class Registry:
         """Alias -> version number, as a string (stores disagree on int vs str)."""
         return {a: str(v) for a, v in self.client.get_registered_model(name).aliases.items()}
 
-    def get(self, name: str, ref: str | int) -> ModelVersion:
+    def get(self, name: str, ref: str | int) -> VersionRecord:
         """A version by number (`3`) or by alias (`production`)."""
         try:
             if str(ref).isdigit():
-                return self.client.get_model_version(name, str(ref))
-            return self.client.get_model_version_by_alias(name, str(ref))
+                return VersionRecord.of(self.client.get_model_version(name, str(ref)))
+            return VersionRecord.of(self.client.get_model_version_by_alias(name, str(ref)))
         except MlflowException:
             raise RegistryError(f"no version '{ref}' of model '{name}'") from None
 
@@ -137,7 +171,7 @@ class Registry:
         dst.mkdir(parents=True, exist_ok=True)
         local = download_artifacts(
             run_id=version.run_id,
-            artifact_path=version.tags[ARTIFACT_PATH_TAG],
+            artifact_path=version.artifact_path,
             dst_path=str(dst),
             tracking_uri=self.tracking_uri,
         )
@@ -146,23 +180,23 @@ class Registry:
     # -- aliases ------------------------------------------------------------------------------
 
     def _history(self, name: str) -> list[str]:
-        history = json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+        history = json.loads(self.client.get_registered_model(name).tags.get(PRODUCTION_HISTORY_TAG, "[]"))
         return [str(v) for v in history]
 
     def _move_production(self, name: str, history: list[str]) -> None:
         previous = self._history(name)
-        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        self.client.set_registered_model_tag(name, PRODUCTION_HISTORY_TAG, json.dumps(history))
         try:
             self.client.set_registered_model_alias(name, PRODUCTION, history[-1])
         except BaseException:
-            self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(previous))
+            self.client.set_registered_model_tag(name, PRODUCTION_HISTORY_TAG, json.dumps(previous))
             raise
 
     def promote(self, name: str, ref: str | int) -> ModelVersion:
         """Point `production` at a version (number or alias, e.g. `candidate`)."""
         version = self.get(name, ref)
         history = self._history(name)
-        number = str(version.version)
+        number = version.version
         if history and history[-1] == number:
             return version
         self._move_production(name, [*history, number])

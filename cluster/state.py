@@ -11,9 +11,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.errors import UserError
+
 ENV_VAR = "FEDFORGE_STATE_DIR"
 DEMO_MODEL_DIRNAME = "smollm2-135m-instruct"
-TINY_MODEL_DIRNAME = "tiny-llama-h64"
+TINY_MODEL_DIRNAME = "tiny-llama-h128"
+DEMO, TINY = "demo", "tiny"  # names of the provisioned models in `model.base`
+
+
+class ModelNotFoundError(UserError):
+    """The configured base model is not where the config says."""
 
 
 @dataclass(frozen=True)
@@ -58,3 +65,25 @@ class StateDir:
     def default_tracking_uri(self) -> str:
         self.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.mlflow_db}"
+
+    def base_model(self, base: str) -> str:
+        """A config's `model.base` as something `from_pretrained` and vLLM accept.
+
+        'demo' and 'tiny' are the models provisioned in this state dir; a path must exist; any
+        other string is a model-hub id. Training and serving both resolve through here, so a
+        missing directory fails with this message before any engine or worker starts.
+        """
+        if base in (DEMO, TINY):
+            path = self.demo_model if base == DEMO else self.tiny_model
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(
+                    f"the {base} model is not provisioned at {path}; run `scripts/setup.sh` "
+                    f"(or `python -m llm.demo_model --tiny --state-dir {self.root}`) first"
+                )
+            return str(path)
+        path = Path(base).expanduser()
+        if path.is_dir():
+            return str(path)
+        if base.startswith((".", "/", "~")):
+            raise ModelNotFoundError(f"model directory not found: {base}")
+        return base

@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 import tomli_w
 
+from cluster.errors import UserError
 from cluster.state import StateDir
 from federated.certs import make_node_key, make_tls
 from federated.client_app import RAY_ADDRESS_KEY, RAY_NAMESPACE, WARM_TRAINER_KEY
@@ -33,7 +34,7 @@ FEDERATION = "fedforge"  # the SuperLink's name in this run's Flower config
 START_TIMEOUT_S = 60
 
 
-class FederationError(RuntimeError):
+class FederationError(UserError):
     """The federation could not start or its run failed. The message says where to look."""
 
 

@@ -53,9 +53,8 @@ def _tokenizer(model_path: str):
 
 
 def lora_model(cfg: FederatedConfig, model_path: str, device: torch.device) -> PeftModel:
-    # Device move before peft wraps the model (opacus#820: the reverse corrupts LoRA updates).
     base = copy.deepcopy(_base_model(model_path, cfg.model.dtype, str(device)))
-    return apply_lora(base, cfg.lora, cfg.federation.seed)
+    return apply_lora(base, cfg.lora, cfg.federation.seed, device)
 
 
 def _cycle(loader) -> Iterator[dict[str, torch.Tensor]]:

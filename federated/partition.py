@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cluster.errors import UserError
 from llm.data import Example, load_split
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 MAX_DIRICHLET_DRAWS = 100
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError):
     """The examples cannot be split as configured. The message is meant for users."""
 
 

@@ -15,8 +15,10 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
+from cluster.privacy_record import PrivacyRecord, RoundPrivacy
 from federated.dp_history import History
-from llm.data import IGNORE_INDEX, collate
+from llm.data import collate
+from llm.losses import per_example_loss
 
 
 def sample_rate(n_examples: int, batch_size: int) -> float:
@@ -114,23 +116,6 @@ def collate_or_empty(examples: list[dict], pad_token_id: int) -> dict[str, torch
     return collate(examples, pad_token_id)
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean answer-token loss of each example on its own.
-
-    Not the model's batch-wide token mean: there every example's gradient is scaled by the
-    token count of the whole batch, so one example would change the others' contributions.
-    """
-    targets = labels[:, 1:]
-    tokens = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        targets.flatten(),
-        reduction="none",
-        ignore_index=IGNORE_INDEX,
-    ).view(targets.shape)
-    counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return tokens.sum(dim=1) / counted
-
-
 def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -> float | None:
     """One DP-SGD step; returns the batch's loss, or None when Poisson sampling drew nobody."""
     for group in optimizer.param_groups:
@@ -151,7 +136,7 @@ def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -
     return float(loss.detach())
 
 
-def privacy_record(cfg, rounds: list[dict]) -> dict:
+def privacy_record(cfg, rounds: list[dict]) -> PrivacyRecord:
     """The run's privacy guarantee and how it grew: what the registry and `privacy report` show.
 
     `epsilon` is the worst (largest) over clients and rounds: each client's guarantee is at
@@ -159,27 +144,24 @@ def privacy_record(cfg, rounds: list[dict]) -> dict:
     """
     dp = cfg.privacy
     by_round = [
-        {
-            "round": r["round"],
-            "epsilon": r.get("epsilon"),
-            "clients": {str(c["partition"]): c.get("epsilon") for c in r.get("per_client", [])},
-        }
+        RoundPrivacy(
+            round=r["round"],
+            epsilon=r.get("epsilon"),
+            clients={str(c["partition"]): c.get("epsilon") for c in r.get("per_client", [])},
+        )
         for r in rounds
     ]
     if dp.mode == "none":
-        return {"mode": "none", "epsilon": None, "delta": None, "by_round": by_round}
+        return PrivacyRecord(mode="none", by_round=by_round)
     steps, rate = cfg.dp_steps_and_rate()
-    epsilons = [
-        e for r in by_round for e in (r["epsilon"], *r["clients"].values()) if e is not None
-    ]
-    return {
-        "mode": dp.mode,
-        "epsilon": max(epsilons, default=None),
-        "delta": dp.delta,
-        "noise_multiplier": cfg.noise_multiplier(),
-        "max_grad_norm": dp.max_grad_norm,
-        "sample_rate": rate,
-        "steps": steps,
-        "accountant": dp.accountant,
-        "by_round": by_round,
-    }
+    return PrivacyRecord(
+        mode=dp.mode,
+        epsilon=max((r.worst for r in by_round if r.worst is not None), default=None),
+        delta=dp.delta,
+        noise_multiplier=cfg.noise_multiplier(),
+        max_grad_norm=dp.max_grad_norm,
+        sample_rate=rate,
+        steps=steps,
+        accountant=dp.accountant,
+        by_round=by_round,
+    )

@@ -11,28 +11,23 @@ saved round. The final adapter is registered with its privacy budget in the line
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import signal
-import sys
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from cluster.config import ConfigError
-from cluster.lineage import PRIVACY_FILE, lineage_tags
+from cluster.entry import run_job
+from cluster.privacy_record import PrivacyRecord
 from cluster.ray_cluster import connect
-from cluster.registry import Registry, RegistryError
+from cluster.registry import Registry
 from cluster.state import StateDir
 from federated.config import FederatedConfig, load_federated_config
-from federated.federation import Federation, FederationError
-from federated.partition import PartitionError, client_partitions
+from federated.federation import Federation
+from federated.partition import client_partitions
 from federated.privacy import privacy_record
 from federated.run_files import RunFiles
-from llm.data import DatasetError, dataset_sha256
-from llm.evaluate import EvalResult, evaluate_heldout
-from llm.model import ModelNotFoundError, resolve_model_path
-from llm.run_identity import RunMismatchError, check_or_record, flatten
+from llm.publish import Published, publish_adapter, tracked_run
+from llm.run_identity import check_or_record
 
 # What may change when a run is submitted again: how many rounds, how it is served and judged,
 # and where round 0 came from (read only when no round is saved yet).
@@ -42,12 +37,8 @@ RESUMABLE_SECTIONS = ("eval.", "registry.", "flower.")
 
 @dataclass(frozen=True)
 class FederatedOutcome:
-    version: str
-    base: EvalResult
-    federated: EvalResult
-    epsilon: float | None
-    delta: float
-    rounds: list[dict]
+    published: Published
+    privacy: PrivacyRecord
 
 
 def _round_line(entry: dict) -> str:
@@ -67,7 +58,7 @@ def _round_line(entry: dict) -> str:
 def run_federated(
     cfg: FederatedConfig, state: StateDir, address: str | None = None
 ) -> FederatedOutcome:
-    model_path = resolve_model_path(cfg.model.base, state)
+    model_path = state.base_model(cfg.model.base)
     client_partitions(cfg)  # a missing dataset or an impossible split fails before Ray starts
     files = RunFiles(state, cfg.name)
     check_or_record(cfg, files.root, RESUMABLE_KEYS, RESUMABLE_SECTIONS)
@@ -85,41 +76,19 @@ def run_federated(
                 federation.run(on_round)
     adapter_dir = files.adapter_dir(rounds)
     history = files.rounds()
-    print("[fedforge] evaluating base model and federated adapter on held-out data", flush=True)
-    base = evaluate_heldout(cfg, model_path, None)
-    tuned = evaluate_heldout(cfg, model_path, adapter_dir)
     privacy = privacy_record(cfg, history)
-    (adapter_dir / PRIVACY_FILE).write_text(json.dumps(privacy, indent=2))
+    privacy.write(adapter_dir)  # the guarantee travels with the adapter
     registry = Registry.from_settings(cfg.registry, state)
-    metrics = {**tuned.as_metrics(), "base_accuracy": base.accuracy}
-    params = {"config." + k: v for k, v in flatten(cfg.model_dump(mode="json")).items()}
-    with registry.run(cfg.registry.experiment, cfg.name, params) as run_id:
+    with tracked_run(registry, cfg) as run_id:
         for entry in history:
             per_round = {"train_loss": entry["train_loss"], "epsilon": entry["epsilon"]}
             registry.log_metrics(
                 run_id, {k: v for k, v in per_round.items() if v is not None}, entry["round"]
             )
-        registry.log_metrics(run_id, metrics)
-        tags = lineage_tags(
-            kind="federated",
-            config=cfg,
-            base_model=cfg.model.base,
-            dataset_sha256=dataset_sha256(cfg.data.path),
-            metrics=metrics,
-            extra={
-                "run_name": cfg.name,
-                "validation_examples": str(tuned.examples),
-                **{f"privacy.{k}": str(v) for k, v in privacy.items() if k != "by_round"},
-            },
+        published = publish_adapter(
+            registry, run_id, cfg, model_path, adapter_dir, kind="federated", privacy=privacy.budget
         )
-        version = registry.register_adapter(cfg.registry.model_name, adapter_dir, run_id, tags)
-    return FederatedOutcome(
-        version.version, base, tuned, privacy["epsilon"], cfg.privacy.delta, history
-    )
-
-
-def _stop_on_sigterm(signum, frame) -> None:
-    raise SystemExit(f"stopped by signal {signum}")  # unwinds, so every Flower process stops
+    return FederatedOutcome(published, privacy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,30 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[fedforge] %(message)s")
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # what `ray job stop` sends
-    try:
-        cfg = load_federated_config(args.config)
-        outcome = run_federated(cfg, StateDir.resolve(args.state_dir), args.address)
-    except (
-        ConfigError,
-        DatasetError,
-        ModelNotFoundError,
-        PartitionError,
-        RunMismatchError,
-        FederationError,
-        RegistryError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    eps = f"{outcome.epsilon:.3f}" if outcome.epsilon is not None else "n/a (no DP)"
+    cfg = load_federated_config(args.config)
+    outcome = run_federated(cfg, StateDir.resolve(args.state_dir), args.address)
+    published, privacy = outcome.published, outcome.privacy
+    eps = f"{privacy.epsilon:.3f}" if privacy.epsilon is not None else "n/a (no DP)"
     print(
-        f"[fedforge] registered {cfg.registry.model_name} v{outcome.version} (alias candidate): "
-        f"held-out accuracy base {outcome.base.accuracy:.1%} -> federated "
-        f"{outcome.federated.accuracy:.1%}; privacy epsilon {eps} at delta {outcome.delta:g}",
+        f"[fedforge] registered {cfg.registry.model_name} v{published.version.version} (alias "
+        f"candidate): held-out accuracy base {published.base.accuracy:.1%} -> federated "
+        f"{published.tuned.accuracy:.1%}; privacy epsilon {eps} at delta {cfg.privacy.delta:g}",
         flush=True,
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from cluster.config import DataSettings
+from cluster.errors import UserError
 
 IGNORE_INDEX = -100  # positions the loss skips: everything but the answer
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The dataset file is missing or a record has the wrong shape. The message is for users."""
 
 

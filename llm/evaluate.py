@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from llm.data import Example, collate, encode_example, load_split, render_prompt
 from llm.lora import load_adapter
+from llm.losses import answer_token_losses
 from llm.model import load_model, load_tokenizer
 
 
@@ -52,15 +53,9 @@ def validation_loss(
         logits = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
         ).logits
-        labels = inputs["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            labels.flatten(),
-            reduction="sum",
-            ignore_index=-100,
-        )
-        total += losses.item()
-        tokens += int((labels != -100).sum())
+        losses, counted = answer_token_losses(logits, inputs["labels"])
+        total += losses.sum().item()
+        tokens += int(counted.sum())
     return total / max(tokens, 1)
 
 

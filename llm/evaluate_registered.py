@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from cluster.config import ConfigError, FinetuneConfig, load_config
-from cluster.registry import Registry, RegistryError
+from cluster.config import FinetuneConfig, load_config
+from cluster.entry import run_job
+from cluster.registry import Registry
 from cluster.state import StateDir
-from llm.data import DatasetError
 from llm.evaluate import evaluate_heldout
-from llm.model import ModelNotFoundError, resolve_model_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,20 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", default="candidate", help="version number or alias")
     parser.add_argument("--state-dir", default=None)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, FinetuneConfig)
-        state = StateDir.resolve(args.state_dir)
-        registry = Registry.from_settings(cfg.registry, state)
-        name = cfg.registry.model_name
-        version = registry.get(name, args.ref)
-        model_path = resolve_model_path(cfg.model.base, state)
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter_dir = registry.download(name, version.version, Path(tmp))
-            base = evaluate_heldout(cfg, model_path, None)
-            tuned = evaluate_heldout(cfg, model_path, adapter_dir)
-    except (ConfigError, DatasetError, ModelNotFoundError, RegistryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, FinetuneConfig)
+    state = StateDir.resolve(args.state_dir)
+    registry = Registry.from_settings(cfg.registry, state)
+    name = cfg.registry.model_name
+    version = registry.get(name, args.ref)
+    model_path = state.base_model(cfg.model.base)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = registry.download(name, version.version, Path(tmp))
+        base = evaluate_heldout(cfg, model_path, None)
+        tuned = evaluate_heldout(cfg, model_path, adapter_dir)
     rows = [("base model", base), (f"{name} v{version.version} (from registry)", tuned)]
     print(f"[fedforge] held-out evaluation on {tuned.examples} examples never trained on")
     print(f"[fedforge] {'model':<40} {'accuracy':>9} {'perplexity':>11} {'loss':>7}")
@@ -66,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

@@ -16,11 +16,17 @@ from transformers import PreTrainedModel
 
 from cluster.config import LoraSettings
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-
-def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int = 0) -> PeftModel:
-    """Wrap `model` with fresh LoRA matrices; the base weights are frozen."""
+def apply_lora(
+    model: PreTrainedModel,
+    settings: LoraSettings,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> PeftModel:
+    """Wrap `model` with fresh LoRA matrices (base weights frozen), on `device` if given."""
+    if device is not None:
+        # Device move before peft wraps the model (opacus#820: the reverse corrupts LoRA updates).
+        model = model.to(device)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=settings.r,
@@ -36,10 +42,6 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int = 0) ->
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False):
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return all((path / name).is_file() for name in ADAPTER_FILES)
 
 
 def save_adapter(model: PeftModel, target: str | Path) -> Path:

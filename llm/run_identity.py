@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cluster.errors import UserError
+
 IDENTITY_FILE = "fedforge_run_identity.json"
 # Keys that may change between submissions of one run: how long, how often, how it is judged.
 MUTABLE = {
@@ -29,7 +31,7 @@ MUTABLE = {
 MUTABLE_SECTIONS = ("eval.", "registry.")
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(UserError):
     """The run's checkpoints were made with an incompatible config. The message is for users."""
 
 

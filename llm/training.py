@@ -56,9 +56,7 @@ def learning_rate(step: int, peak: float, warmup: int) -> float:
 def lora_model_and_optimizer(
     cfg: FinetuneConfig, model_path: str, device: torch.device | str = "cpu"
 ) -> tuple[PeftModel, torch.optim.Optimizer]:
-    # Device move before peft wraps the model (opacus#820: the reverse corrupts LoRA updates).
-    base = load_model(model_path, cfg.model.dtype).to(device)
-    model = apply_lora(base, cfg.lora, cfg.train.seed)
+    model = apply_lora(load_model(model_path, cfg.model.dtype), cfg.lora, cfg.train.seed, device)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.train.learning_rate,

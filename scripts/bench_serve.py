@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from cluster.config import load_config  # noqa: E402
 from cluster.state import StateDir  # noqa: E402
 from serve.app import resolve_model_source  # noqa: E402
-from serve.config import ServeConfig  # noqa: E402
+from cluster.serve_config import ServeConfig  # noqa: E402
 
 KEY = "sk-bench"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -8,7 +8,7 @@ import hmac
 import os
 from pathlib import Path
 
-from serve.config import AuthSettings
+from cluster.serve_config import AuthSettings
 
 HASH_PREFIX = "sha256:"
 

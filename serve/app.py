@@ -20,7 +20,7 @@ from cluster.state import StateDir
 from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
 from serve.api_keys import load_key_hashes
-from serve.config import ServeConfig
+from cluster.serve_config import ServeConfig
 from serve.ingress import KeyCheckedIngress
 
 # Ray Serve LLM's OpenAI routes plus a readiness route (see KeyCheckedIngress.health).

@@ -24,7 +24,7 @@ from cluster.ray_cluster import connect
 from cluster.state import StateDir
 from serve.api_keys import ApiKeyError
 from serve.app import build_app
-from serve.config import ServeConfig
+from cluster.serve_config import ServeConfig
 
 
 def serve_config_file(cfg: ServeConfig, config_path: str, state: StateDir) -> dict:

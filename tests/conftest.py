@@ -1,4 +1,8 @@
-"""Shared fixtures: a per-test state dir that reuses the models provisioned by scripts/setup.sh."""
+"""Shared fixtures: state dirs per test, with the provisioned models only where a test needs them.
+
+- `empty_state`: a fresh state dir with no models (registry, config and CLI tests);
+- `state`: a fresh state dir whose models/ links to the ones scripts/setup.sh provisioned.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from cluster.state import StateDir
-from llm.demo_model import provision, provision_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def provisioned() -> StateDir:
     """The repository's state dir with the demo and tiny models (built once if missing)."""
+    from llm.demo_model import provision, provision_tiny
+
     state = StateDir.resolve(REPO / ".fedforge")
     provision(state)
     provision_tiny(state)
@@ -22,12 +27,16 @@ def provisioned() -> StateDir:
 
 
 @pytest.fixture
-def state(tmp_path: Path, provisioned: StateDir) -> StateDir:
-    """A fresh state dir per test; its models/ links to the provisioned ones (read-only use)."""
-    root = tmp_path / "state"
-    root.mkdir()
-    (root / "models").symlink_to(provisioned.models, target_is_directory=True)
-    return StateDir.resolve(root)
+def empty_state(tmp_path: Path) -> StateDir:
+    """A fresh state dir and nothing in it."""
+    return StateDir.resolve(tmp_path / "state")
+
+
+@pytest.fixture
+def state(empty_state: StateDir, provisioned: StateDir) -> StateDir:
+    """A fresh state dir; its models/ links to the provisioned ones (read-only use)."""
+    (empty_state.root / "models").symlink_to(provisioned.models, target_is_directory=True)
+    return empty_state
 
 
 @pytest.fixture(scope="session")

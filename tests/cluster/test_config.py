@@ -63,7 +63,7 @@ def test_missing_file_and_bad_yaml_are_reported(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    from serve.config import ServeConfig
+    from cluster.serve_config import ServeConfig
 
     models = {"finetune": FinetuneConfig, "serve": ServeConfig}
     kind = path.parent.name

@@ -22,7 +22,7 @@ from serve.adapters import (
     parse_engine_id,
     read_table,
 )
-from serve.config import ServeConfig
+from cluster.serve_config import ServeConfig
 from serve.relabel import MODEL_HEADER, relabel
 from tests.serve.conftest import register
 

@@ -19,7 +19,7 @@ from ray import serve
 
 from cluster.config import RegistrySettings, load_config
 from cluster.registry import Registry
-from serve.config import ServeConfig
+from cluster.serve_config import ServeConfig
 from serve.deploy import deploy
 from serve.relabel import MODEL_HEADER
 from tests.serve.conftest import register

@@ -9,7 +9,7 @@ import pytest
 from cluster.config import load_config
 from cluster.state import StateDir
 from serve.app import llm_config
-from serve.config import ServeConfig
+from cluster.serve_config import ServeConfig
 from serve.engine import EngineServer, LocalModelCallback
 
 

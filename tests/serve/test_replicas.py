@@ -18,7 +18,7 @@ import yaml
 from ray import serve
 
 from cluster.config import load_config
-from serve.config import ServeConfig
+from cluster.serve_config import ServeConfig
 from serve.deploy import deploy
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

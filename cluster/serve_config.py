@@ -1,4 +1,4 @@
-"""Serving configuration, validated from YAML like every other job config."""
+"""Serving job configuration: the engine, replicas, keys and adapters, validated from YAML."""
 
 from __future__ import annotations
 

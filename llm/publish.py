@@ -1,0 +1,63 @@
+"""Publishing a trained adapter: held-out evaluation, lineage, registration. One path for every
+job that produces an adapter (fine-tuning, federated rounds), so each version carries the same
+record whichever job made it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.lineage import Lineage
+from cluster.privacy_record import PrivacyBudget
+from cluster.registry import Registry, VersionRecord
+from llm.data import dataset_sha256
+from llm.evaluate import EvalResult, evaluate_heldout
+from llm.run_identity import flatten
+
+
+@dataclass(frozen=True)
+class Published:
+    version: VersionRecord
+    base: EvalResult
+    tuned: EvalResult
+
+
+@contextmanager
+def tracked_run(registry: Registry, cfg) -> Iterator[str]:
+    """The job's MLflow run, its validated config logged as `config.<key>` parameters."""
+    params = {"config." + k: v for k, v in flatten(cfg.model_dump(mode="json")).items()}
+    with registry.run(cfg.registry.experiment, cfg.name, params) as run_id:
+        yield run_id
+
+
+def publish_adapter(
+    registry: Registry,
+    run_id: str,
+    cfg,
+    model_path: str,
+    adapter_dir: Path,
+    *,
+    kind: str,
+    metrics: dict[str, float] | None = None,
+    privacy: PrivacyBudget | None = None,
+) -> Published:
+    """Evaluate base and adapter on the held-out split, log the metrics to the run, and register
+    the adapter (alias `candidate`) with its lineage. `cfg` is the job's validated config."""
+    print("[fedforge] evaluating base model and adapter on held-out examples", flush=True)
+    base = evaluate_heldout(cfg, model_path, None)
+    tuned = evaluate_heldout(cfg, model_path, adapter_dir)
+    all_metrics = {**tuned.as_metrics(), "base_accuracy": base.accuracy, **(metrics or {})}
+    registry.log_metrics(run_id, all_metrics)
+    lineage = Lineage.of_run(
+        kind=kind,
+        config=cfg,
+        dataset_sha256=dataset_sha256(cfg.data.path),
+        metrics=all_metrics,
+        validation_examples=tuned.examples,
+        privacy=privacy,
+    )
+    version = registry.register_adapter(cfg.registry.model_name, adapter_dir, run_id, lineage)
+    return Published(version, base, tuned)
