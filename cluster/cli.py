@@ -1,40 +1,47 @@
 """The `fedforge` command line. It only wires commands: each job runs as its own module
 (`python -m llm.finetune ...`), exactly what `ray job submit` runs, so both paths share code.
+
+User errors (`cluster.errors.UserError`) from any command end as one `error: ...` line on
+stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
+from cluster.errors import UserError
 from cluster.jobs import run_local, submit_and_follow
+from cluster.options import ConfigOpt, JobAddressOpt, StateOpt
 from cluster.privacy_cli import privacy_app
 from cluster.registry_cli import registry_app
+from cluster.state import StateDir
+
+USER_ERROR_EXIT = 2
+
+
+class _UserErrorBoundary(TyperGroup):
+    """The root command group: every subcommand runs inside its `invoke`."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(USER_ERROR_EXIT) from None
+
 
 app = typer.Typer(
+    cls=_UserErrorBoundary,
     help="Fine-tune, federate and serve LLMs on a Ray cluster.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 app.add_typer(registry_app, name="registry")
 app.add_typer(privacy_app, name="privacy")
-
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML job config.")]
-StateOpt = Annotated[
-    Path | None, typer.Option("--state-dir", help="State directory (default ./.fedforge).")
-]
-JobAddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--address",
-        envvar="RAY_JOB_ADDRESS",
-        help="Ray dashboard address (http://head:8265): submit as a Ray job. "
-        "Default: run here with a local Ray head.",
-    ),
-]
 
 
 def run_module(module: str, *args: str, address: str | None = None) -> None:
@@ -46,29 +53,29 @@ def run_module(module: str, *args: str, address: str | None = None) -> None:
         raise typer.Exit(code)
 
 
-def _state_args(state_dir: Path | None) -> list[str]:
-    return ["--state-dir", str(state_dir.resolve())] if state_dir else []
+def _job(module: str, config, state_dir, address: str | None) -> None:
+    # Absolute, and resolved here (flag, else $FEDFORGE_STATE_DIR, else ./.fedforge): a Ray
+    # job runs in a temporary copy of this directory and may not see this environment.
+    state = StateDir.resolve(state_dir)
+    run_module(module, "--config", str(config), "--state-dir", str(state.root), address=address)
 
 
 @app.command()
 def finetune(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt = None) -> None:
     """LoRA fine-tuning on Ray Train; registers the adapter with alias `candidate`."""
-    state = state_dir or Path(".fedforge")  # absolute: a Ray job runs in a temporary copy
-    run_module("llm.finetune", "--config", str(config), *_state_args(state), address=address)
+    _job("llm.finetune", config, state_dir, address)
 
 
 @app.command()
 def federate(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt = None) -> None:
     """Federated DP rounds (Flower on Ray); registers the adapter with alias `candidate`."""
-    state = state_dir or Path(".fedforge")
-    run_module("federated.run", "--config", str(config), *_state_args(state), address=address)
+    _job("federated.run", config, state_dir, address)
 
 
 @app.command()
 def serve(config: ConfigOpt, state_dir: StateOpt = None, address: JobAddressOpt = None) -> None:
-    """The OpenAI-compatible endpoint (Ray Serve + vLLM); runs until stopped."""
-    state = state_dir or Path(".fedforge")
-    run_module("serve.deploy", "--config", str(config), *_state_args(state), address=address)
+    """The OpenAI-compatible endpoint (Ray Serve + vLLM); runs until stopped (SIGINT/SIGTERM)."""
+    _job("serve.deploy", config, state_dir, address)
 
 
 @app.command()
@@ -85,15 +92,14 @@ def demo(
 ) -> None:
     """The main job: fine-tune, federate with DP, gate, serve, and ask the served adapter."""
     from cluster.demo import PROFILES, run_demo
-    from cluster.state import StateDir
 
     if profile not in PROFILES:
-        typer.echo(f"error: unknown profile '{profile}' (choose {', '.join(PROFILES)})", err=True)
-        raise typer.Exit(2)
+        raise UserError(f"unknown profile '{profile}' (choose {', '.join(PROFILES)})")
+    state = StateDir.resolve(state_dir)
     if profile != "gpu":  # the gpu profile names a hub model
         provision = ["--tiny"] if profile == "tiny" else []
-        run_module("llm.demo_model", *provision, *_state_args(state_dir))
-    code = run_demo(profile, StateDir.resolve(state_dir), keep_serving, address)
+        run_module("llm.demo_model", *provision, "--state-dir", str(state.root))
+    code = run_demo(PROFILES[profile], state, keep_serving, address)
     if code:
         raise typer.Exit(code)
 

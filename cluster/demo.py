@@ -11,15 +11,20 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import yaml
+from pydantic import BaseModel
 
-from cluster.config import RegistrySettings
+from cluster.config import FinetuneConfig, dump_config, load_config
+from cluster.demo_report import DemoResult, summary_table, write_report
+from cluster.errors import UserError
+from cluster.federated_config import FederatedConfig
+from cluster.gate import run_gate
 from cluster.jobs import follow_job, submit_job
-from cluster.registry import PRODUCTION, Registry
+from cluster.registry import PRODUCTION, Registry, VersionRecord
+from cluster.serve_config import ServeConfig
 from cluster.state import StateDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,24 +39,56 @@ DEMO_PROMPTS = [
 
 
 @dataclass(frozen=True)
+class StageConfigs:
+    finetune: FinetuneConfig
+    federated: FederatedConfig
+    serve: ServeConfig
+
+
+@dataclass(frozen=True)
 class Profile:
-    finetune: str
-    federated: str
-    serve: str
+    finetune: Path
+    federated: Path
+    serve: Path
     requests: int  # demo requests sent to the endpoint (latency statistics)
+
+    def load(self) -> StageConfigs:
+        """The three stage configs, validated, and checked to share one registry: the gate
+        compares versions that both training stages registered in it."""
+        configs = StageConfigs(
+            load_config(self.finetune, FinetuneConfig),
+            load_config(self.federated, FederatedConfig),
+            load_config(self.serve, ServeConfig),
+        )
+        stores = {
+            self.finetune: configs.finetune.registry.tracking_uri,
+            self.federated: configs.federated.registry.tracking_uri,
+            self.serve: configs.serve.registry.tracking_uri,
+        }
+        if len(set(stores.values())) > 1:
+            listed = ", ".join(f"{path}: {uri or 'default'}" for path, uri in stores.items())
+            raise UserError(f"the demo's stages must share registry.tracking_uri ({listed})")
+        if configs.finetune.registry.model_name != configs.federated.registry.model_name:
+            raise UserError(
+                f"registry.model_name differs between {self.finetune} and {self.federated}: "
+                "the gate compares versions of one model"
+            )
+        return configs
+
+
+def _profile(name: str, requests: int) -> Profile:
+    configs = REPO / "configs"
+    return Profile(
+        *(configs / stage / f"{name}.yaml" for stage in ("finetune", "federated", "serve")),
+        requests=requests,
+    )
 
 
 PROFILES = {
-    "demo": Profile(
-        "configs/finetune/demo.yaml", "configs/federated/demo.yaml", "configs/serve/demo.yaml", 16
-    ),
-    "tiny": Profile(
-        "configs/finetune/tiny.yaml", "configs/federated/tiny.yaml", "configs/serve/tiny.yaml", 6
-    ),
+    "demo": _profile("demo", 16),
+    "tiny": _profile("tiny", 6),
     # A real GPU cluster (see the README): hub model, GPU workers and SuperNodes, vLLM on GPU.
-    "gpu": Profile(
-        "configs/finetune/gpu.yaml", "configs/federated/gpu.yaml", "configs/serve/gpu.yaml", 64
-    ),
+    "gpu": _profile("gpu", 64),
 }
 
 
@@ -61,37 +98,26 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage '{stage}' failed{where}{': ' + why if why else ''}")
 
 
-@dataclass
-class DemoResult:
-    versions: dict[str, dict] = field(default_factory=dict)  # stage -> {version, accuracy, ...}
-    base_accuracy: float | None = None
-    promoted: str | None = None
-    gate: str = ""
-    endpoint: str = ""
-    latencies: list[float] = field(default_factory=list)
-    first_token: list[float] = field(default_factory=list)
-    cold_start: float = 0.0  # serving job submitted -> first answer from the adapter
-    answers: list[tuple[str, str]] = field(default_factory=list)
-    minutes: float = 0.0
-
-
-def _model_name(config_path: str) -> str:
-    return yaml.safe_load((REPO / config_path).read_text())["registry"]["model_name"]
-
-
 class Demo:
-    def __init__(self, profile: str, state: StateDir, report_dir: Path) -> None:
-        self.profile = PROFILES[profile]
+    def __init__(self, profile: Profile, state: StateDir, report_dir: Path) -> None:
+        self.profile = profile
+        self.configs = profile.load()
         self.state = state
         self.report_dir = report_dir
-        self.registry = Registry.from_settings(RegistrySettings(), state)
-        self.model_name = _model_name(self.profile.finetune)
+        self.registry = Registry.from_settings(self.configs.finetune.registry, state)
+        self.model_name = self.configs.finetune.registry.model_name
         self.client = None
         self.python = sys.executable  # a local head runs jobs in this environment
         self.host = "127.0.0.1"  # where the endpoint is reached
         self.serving_job: str | None = None
         self.api_key = "sk-demo-" + secrets.token_hex(12)
         self.result = DemoResult()
+
+    def _config_file(self, name: str, config: BaseModel) -> str:
+        """Write a stage's typed config next to the report: the job reads exactly this."""
+        path = self.report_dir / f"{name}.yaml"
+        dump_config(config, path)
+        return str(path)
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -132,69 +158,41 @@ class Demo:
     def _log(self, n: int, name: str) -> Path:
         return self.report_dir / f"{n}-{name.split()[0]}.log"
 
-    def _newest(self, kind: str) -> dict:
-        version = max(self.registry.versions(self.model_name), key=lambda v: int(v.version))
-        tags = version.tags
-        return {
-            "version": str(version.version),
-            "run_id": version.run_id,
-            "kind": kind,
-            "accuracy": float(tags["fedforge.metric.eval_accuracy"]),
-            "base_accuracy": float(tags["fedforge.metric.base_accuracy"]),
-            "epsilon": tags.get("fedforge.privacy.epsilon"),
-            "delta": tags.get("fedforge.privacy.delta"),
-        }
+    def _newest(self) -> VersionRecord:
+        return max(self.registry.versions(self.model_name), key=lambda v: int(v.version))
 
     def fine_tune(self) -> None:
-        self._stage(
-            1, "fine-tune (central share)", "llm.finetune", ["--config", self.profile.finetune]
-        )
-        self.result.versions["fine-tuned"] = self._newest("finetune")
+        config = self._config_file("finetune", self.configs.finetune)
+        self._stage(1, "fine-tune (central share)", "llm.finetune", ["--config", config])
+        self.result.versions["fine-tuned"] = self._newest()
 
     def federate(self) -> None:
-        start = f"{self.model_name}:{self.result.versions['fine-tuned']['version']}"
-        raw = yaml.safe_load((REPO / self.profile.federated).read_text())
-        raw["federation"]["initial_adapter"] = start
-        config = self.report_dir / "federated.yaml"
-        config.write_text(yaml.safe_dump(raw, sort_keys=False))
-        self._stage(2, "federate (clients' shares, DP)", "federated.run", ["--config", str(config)])
-        self.result.versions["federated"] = self._newest("federated")
+        cfg = self.configs.federated
+        start = f"{self.model_name}:{self.result.versions['fine-tuned'].version}"
+        federation = cfg.federation.model_copy(update={"initial_adapter": start})
+        config = self._config_file("federated", cfg.model_copy(update={"federation": federation}))
+        self._stage(2, "federate (clients' shares, DP)", "federated.run", ["--config", config])
+        self.result.versions["federated"] = self._newest()
 
     def gate(self) -> None:
         """Promote the better new version to production only if it beats the current one."""
         print(f"\n[fedforge] stage 3/{STAGES}: gate", flush=True)
-        current = self.registry.aliases(self.model_name).get(PRODUCTION)
-        current_acc = (
-            float(self.registry.get(self.model_name, current).tags["fedforge.metric.eval_accuracy"])
-            if current
-            else None
-        )
-        best = max(self.result.versions.values(), key=lambda v: v["accuracy"])
-        self.result.base_accuracy = best["base_accuracy"]
-        if current_acc is None or best["accuracy"] > current_acc:
-            self.registry.promote(self.model_name, best["version"])
-            self.result.promoted = best["version"]
-            self.result.gate = f"promoted v{best['version']} ({best['accuracy']:.1%}) over " + (
-                f"v{current} ({current_acc:.1%})" if current else "no production version"
-            )
-        else:
-            self.result.gate = (
-                f"kept v{current} ({current_acc:.1%}): best new v{best['version']} "
-                f"({best['accuracy']:.1%}) does not beat it"
-            )
-        print(f"    [fedforge] {self.result.gate}", flush=True)
+        candidates = list(self.result.versions.values())
+        self.result.gate = run_gate(self.registry, self.model_name, candidates)
+        print(f"    [fedforge] {self.result.gate.message}", flush=True)
 
     def verify(self) -> None:
         """Evaluate the production version as served: downloaded back from the registry."""
-        args = ["--config", self.profile.finetune, "--ref", PRODUCTION]
+        config = self._config_file("finetune", self.configs.finetune)
+        args = ["--config", config, "--ref", PRODUCTION]
         self._stage(4, "verify production from the registry", "llm.evaluate_registered", args)
 
     def serve_and_ask(self) -> None:
-        env = {"FEDFORGE_API_KEYS": self.api_key}
-        args = ["--config", self.profile.serve]
+        cfg = self.configs.serve
+        env = {cfg.auth.api_keys_env: self.api_key}
+        args = ["--config", self._config_file("serve", cfg)]
         self.serving_job = self._stage(STAGES, SERVE, "serve.deploy", args, env, wait=False)
-        serve_cfg = yaml.safe_load((REPO / self.profile.serve).read_text())
-        self.result.endpoint = f"http://{self.host}:{serve_cfg['http_port']}/v1"
+        self.result.endpoint = f"http://{self.host}:{cfg.http_port}/v1"
         self._ask(self.result.endpoint)
 
     def _ask(self, endpoint: str, timeout: float = 600.0) -> None:
@@ -265,7 +263,9 @@ class Demo:
             self._log(STAGES, SERVE).write_text(self.client.get_job_logs(self.serving_job))
 
 
-def run_demo(profile: str, state: StateDir, keep_serving: bool, address: str | None = None) -> int:
+def run_demo(
+    profile: Profile, state: StateDir, keep_serving: bool, address: str | None = None
+) -> int:
     """The whole demo; returns the exit code. Every stage's Ray job shows on the dashboard.
 
     Without `address` it starts (and at the end stops) a local Ray head; with a job address
@@ -275,7 +275,7 @@ def run_demo(profile: str, state: StateDir, keep_serving: bool, address: str | N
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    from cluster.demo_report import summary_table, write_report
+    from cluster.ray_cluster import connect
 
     started = time.monotonic()
     report_dir = state.reports / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -286,9 +286,8 @@ def run_demo(profile: str, state: StateDir, keep_serving: bool, address: str | N
         demo.host = urlparse(address).hostname or "127.0.0.1"
     else:
         os.environ.pop("RAY_ADDRESS", None)  # a local head of its own, never a stray cluster
-        context = ray.init(include_dashboard=True, num_cpus=max(2, os.cpu_count() or 2))
-        print(f"[fedforge] Ray head started; dashboard http://{context.dashboard_url}", flush=True)
-        demo.client = JobSubmissionClient(f"http://{context.dashboard_url}")
+        dashboard = connect(num_cpus=max(2, os.cpu_count() or 2))
+        demo.client = JobSubmissionClient(f"http://{dashboard}")
     try:
         demo.fine_tune()
         demo.federate()

@@ -6,6 +6,7 @@ lineage tags, loss and epsilon curves from their MLflow runs, latencies from the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -13,8 +14,21 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cluster.registry import Registry  # noqa: E402
+from cluster.gate import GateDecision  # noqa: E402
+from cluster.registry import Registry, VersionRecord  # noqa: E402
 from cluster.state import StateDir  # noqa: E402
+
+
+@dataclass
+class DemoResult:
+    versions: dict[str, VersionRecord] = field(default_factory=dict)  # stage -> new version
+    gate: GateDecision | None = None
+    endpoint: str = ""
+    latencies: list[float] = field(default_factory=list)
+    first_token: list[float] = field(default_factory=list)
+    cold_start: float = 0.0  # serving job submitted -> first answer from the adapter
+    answers: list[tuple[str, str]] = field(default_factory=list)
+    minutes: float = 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -26,17 +40,26 @@ def _ms(seconds: list[float], q: float) -> str:
     return f"{percentile(seconds, q) * 1000:.0f} ms" if seconds else "-"
 
 
-def summary_rows(result, model_name: str) -> list[tuple[str, str]]:
+def _accuracy(record: VersionRecord) -> str:
+    return f"{record.lineage.metrics.get('eval_accuracy', float('nan')):.1%}"
+
+
+def _privacy(record: VersionRecord) -> str:
+    privacy = record.lineage.privacy
+    if privacy is None or privacy.epsilon is None:
+        return "no DP"
+    return f"({privacy.epsilon:.2f}, {privacy.delta:g})"
+
+
+def summary_rows(result: DemoResult, model_name: str) -> list[tuple[str, str]]:
     fine, fed = result.versions["fine-tuned"], result.versions["federated"]
-    eps = fed["epsilon"] if fed["epsilon"] not in (None, "None") else None
+    base = fine.lineage.metrics.get("base_accuracy", float("nan"))
     return [
-        ("held-out accuracy: base model", f"{result.base_accuracy:.1%}"),
-        (f"... fine-tuned, central share ({model_name}:{fine['version']})",
-         f"{fine['accuracy']:.1%}"),
-        (f"... federated from it, DP ({model_name}:{fed['version']})", f"{fed['accuracy']:.1%}"),
-        ("privacy of the federated rounds (epsilon, delta)",
-         f"({float(eps):.2f}, {float(fed['delta']):g})" if eps else "no DP"),
-        ("gate", result.gate),
+        ("held-out accuracy: base model", f"{base:.1%}"),
+        (f"... fine-tuned, central share ({model_name}:{fine.version})", _accuracy(fine)),
+        (f"... federated from it, DP ({model_name}:{fed.version})", _accuracy(fed)),
+        ("privacy of the federated rounds (epsilon, delta)", _privacy(fed)),
+        ("gate", result.gate.message if result.gate else "-"),
         ("endpoint", f"{result.endpoint} (model '{model_name}')"),
         (f"first token p50 / p99 ({len(result.latencies)} streamed requests)",
          f"{_ms(result.first_token, 0.5)} / {_ms(result.first_token, 0.99)}"),
@@ -47,7 +70,7 @@ def summary_rows(result, model_name: str) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
-def summary_table(result, model_name: str) -> str:
+def summary_table(result: DemoResult, model_name: str) -> str:
     rows = summary_rows(result, model_name)
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
@@ -85,7 +108,7 @@ def _plot_federated(registry: Registry, run_id: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_latency(result, path: Path) -> None:
+def _plot_latency(result: DemoResult, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist([t * 1000 for t in result.first_token], bins=12, alpha=0.7, label="first token")
     ax.hist([t * 1000 for t in result.latencies], bins=12, alpha=0.7, label="whole answer")
@@ -96,10 +119,12 @@ def _plot_latency(result, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result, registry: Registry, state: StateDir, out: Path, model_name: str) -> Path:
+def write_report(
+    result: DemoResult, registry: Registry, state: StateDir, out: Path, model_name: str
+) -> Path:
     """Markdown report with three PNGs in `out`; returns the report's path."""
-    _plot_training(registry, result.versions["fine-tuned"]["run_id"], out / "training_loss.png")
-    _plot_federated(registry, result.versions["federated"]["run_id"], out / "federated.png")
+    _plot_training(registry, result.versions["fine-tuned"].run_id, out / "training_loss.png")
+    _plot_federated(registry, result.versions["federated"].run_id, out / "federated.png")
     _plot_latency(result, out / "latency.png")
     table = "\n".join(f"| {k} | {v} |" for k, v in summary_rows(result, model_name))
     answers = "\n".join(f"| {q} | `{a}` |" for q, a in result.answers)

@@ -1,8 +1,8 @@
 """Federated job configuration: the shared sections plus federation, partition, privacy, flower.
 
 Pure data: validators check types, ranges and consistency only. What follows from the config
-(client partitions, the DP noise plan) is computed once when the job starts (federated.plan)
-and travels to the ServerApp and ClientApps with the run.
+(client partitions, the DP noise plan) is computed once when the job starts (federated.planning
+makes a federated.plan) and travels to the ServerApp and ClientApps with the run.
 """
 
 from __future__ import annotations

@@ -1,25 +1,46 @@
 """Running a job module: as a Ray job on a cluster, or as a local process with its own Ray head.
 
-Both run the same command line (`python -m llm.finetune --config ...`), the one a user would
-give to `ray job submit`.
+Both run the same command line (`python -m llm.finetune ...`), the one a user would give to
+`ray job submit`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 
 from cluster.lineage import GIT_REVISION_ENV, git_revision
+from cluster.processes import exit_with_parent
 
 TERMINAL_OK = "SUCCEEDED"
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run_local(module: str, args: list[str]) -> int:
-    """Run the module in a child process; it starts (and stops) a local Ray head itself."""
-    return subprocess.call([sys.executable, "-m", module, *args])
+    """Run `python -m module args` here, wait for it, and return its exit code.
+
+    The job runs in its own process group and SIGINT/SIGTERM sent to this process are passed on
+    to it once (a terminal's Ctrl-C would otherwise reach it twice and cut its clean-up short),
+    so `kill <pid of fedforge>`, systemd, Docker and Kubernetes stop the job and everything it
+    started (Ray head, Serve, vLLM), not just this wrapper.
+    """
+    job = subprocess.Popen(
+        [sys.executable, "-m", module, *args], process_group=0, preexec_fn=exit_with_parent
+    )
+
+    def forward(signum, frame) -> None:
+        job.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        return job.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def submit_job(

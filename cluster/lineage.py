@@ -125,7 +125,9 @@ class Lineage(BaseModel):
         for key, value in self.model_dump(exclude={"metrics", "privacy"}).items():
             if value in (None, "", {}):
                 continue
-            tags[TAG_PREFIX + key] = json.dumps(value, sort_keys=True) if key == "packages" else str(value)
+            tags[TAG_PREFIX + key] = (
+                json.dumps(value, sort_keys=True) if key == "packages" else str(value)
+            )
         tags.update({METRIC_PREFIX + k: f"{v:.6g}" for k, v in self.metrics.items()})
         if self.privacy is not None:
             for key, value in self.privacy.model_dump().items():

@@ -1,21 +1,21 @@
 """`fedforge privacy report NAME:VERSION`: the privacy budget a registered adapter spent.
 
-Reads the `privacy.json` a federated run writes into the adapter it registers, so the report
+Reads the privacy record a federated run writes into the adapter it registers, so the report
 shows exactly what was registered: epsilon per client after every round, and the settings.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cluster.lineage import PRIVACY_FILE
-from cluster.registry import RegistryError
-from cluster.registry_cli import StateOpt, TrackingOpt, open_registry
+from cluster.errors import UserError
+from cluster.options import StateOpt, TrackingOpt
+from cluster.privacy_record import PrivacyRecord
+from cluster.registry_cli import open_registry
 
 privacy_app = typer.Typer(help="Differential-privacy budgets of registered adapters.")
 
@@ -24,30 +24,27 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
 
 
-def render_report(ref: str, record: dict) -> str:
-    lines = [f"{ref}: {record['mode']}"]
-    if record["mode"] == "none":
+def render_report(ref: str, record: PrivacyRecord) -> str:
+    lines = [f"{ref}: {record.mode}"]
+    if record.mode == "none":
         return lines[0] + " (no differential privacy)"
     lines[0] += (
-        f", epsilon {_fmt(record['epsilon'])} at delta {record['delta']:g} "
-        f"({record['accountant']} accountant)"
+        f", epsilon {_fmt(record.epsilon)} at delta {record.delta:g} "
+        f"({record.accountant} accountant)"
     )
     lines.append(
-        f"noise multiplier {record['noise_multiplier']:.4g}, clipping norm "
-        f"{record['max_grad_norm']:g}, sample rate {record['sample_rate']:.4g}, "
-        f"{record['steps']} steps per client"
+        f"noise multiplier {record.noise_multiplier:.4g}, clipping norm "
+        f"{record.max_grad_norm:g}, sample rate {record.sample_rate:.4g}, "
+        f"{record.steps} steps per client"
     )
-    clients = sorted({c for r in record["by_round"] for c in r["clients"]}, key=int)
+    clients = sorted({c for r in record.by_round for c in r.clients}, key=int)
     header = f"{'round':>5}  {'epsilon (worst)':>15}" + "".join(
         f"  {'client ' + c:>10}" for c in clients
     )
     lines += ["", header]
-    for r in record["by_round"]:
-        cells = "".join(f"  {_fmt(r['clients'].get(c)):>10}" for c in clients)
-        worst = max(
-            (e for e in (r["epsilon"], *r["clients"].values()) if e is not None), default=None
-        )
-        lines.append(f"{r['round']:>5}  {_fmt(worst):>15}{cells}")
+    for r in record.by_round:
+        cells = "".join(f"  {_fmt(r.clients.get(c)):>10}" for c in clients)
+        lines.append(f"{r.round:>5}  {_fmt(r.worst):>15}{cells}")
     return "\n".join(lines)
 
 
@@ -62,17 +59,10 @@ def report(
     """Epsilon per client and per round of a registered federated adapter."""
     name, _, ref = version.rpartition(":")
     if not name:
-        typer.echo("error: give NAME:VERSION (or NAME:ALIAS), e.g. fedforge-demo:2", err=True)
-        raise typer.Exit(2)
+        raise UserError("give NAME:VERSION (or NAME:ALIAS), e.g. fedforge-demo:2")
     registry = open_registry(tracking_uri, state_dir)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = registry.download(name, ref, Path(tmp)) / PRIVACY_FILE
-            if not path.is_file():
-                typer.echo(f"{version} has no privacy record (it was not trained federated)")
-                raise typer.Exit(1)
-            record = json.loads(path.read_text())
-    except RegistryError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        record = PrivacyRecord.read(registry.download(name, ref, Path(tmp)))
+    if record is None:
+        raise UserError(f"{version} has no privacy record (it was not trained federated)")
     typer.echo(render_report(version, record))

@@ -21,7 +21,8 @@ class PrivacyBudget(BaseModel):
 
     mode: Literal["none", "local_dp", "central_dp"]
     epsilon: float | None = Field(
-        None, description="Worst (largest) over clients and rounds: every client's is at least this good."
+        None,
+        description="Worst (largest) over clients and rounds: each client's is at least as good.",
     )
     delta: float | None = None
     noise_multiplier: float | None = None
@@ -42,7 +43,9 @@ class RoundPrivacy(BaseModel):
 
     @property
     def worst(self) -> float | None:
-        return max((e for e in (self.epsilon, *self.clients.values()) if e is not None), default=None)
+        return max(
+            (e for e in (self.epsilon, *self.clients.values()) if e is not None), default=None
+        )
 
 
 class PrivacyRecord(PrivacyBudget):

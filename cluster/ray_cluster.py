@@ -1,13 +1,11 @@
-"""Connecting to Ray: an existing cluster when an address is given, else a local head."""
+"""Joining Ray: an existing cluster when an address is given, else a local head. The one place
+fedforge processes call `ray.init`."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 import ray
-
-log = logging.getLogger(__name__)
 
 
 def connect(
@@ -15,25 +13,30 @@ def connect(
     *,
     num_cpus: int | None = None,
     metrics_export_port: int | None = None,
-) -> None:
+    namespace: str | None = None,
+    quiet: bool = False,
+) -> str | None:
     """Join the cluster at `address` (or $RAY_ADDRESS); without one, start a local head.
 
     Inside `ray job submit` Ray sets RAY_ADDRESS, so the job joins the cluster it was sent to.
     `metrics_export_port` is where a local head serves Prometheus metrics (on a cluster it is
-    `ray start --metrics-export-port`).
+    `ray start --metrics-export-port`). `quiet` keeps worker logs out of this process (a
+    short-lived helper such as a Flower ClientApp). Returns the dashboard address of a head
+    started here, else None.
     """
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
+        ray.init(address=address, namespace=namespace, log_to_driver=not quiet)
+        return None
     # "local" always starts a fresh head, never silently joins a `ray start` cluster on the host.
     context = ray.init(
         address="local",
         num_cpus=num_cpus,
+        namespace=namespace,
         include_dashboard=True,
-        log_to_driver=True,
+        log_to_driver=not quiet,
         _metrics_export_port=metrics_export_port,
     )
     dashboard = getattr(context, "dashboard_url", None)
@@ -43,3 +46,4 @@ def connect(
         else "[fedforge] started a local Ray head",
         flush=True,
     )
+    return dashboard

@@ -180,7 +180,9 @@ class Registry:
     # -- aliases ------------------------------------------------------------------------------
 
     def _history(self, name: str) -> list[str]:
-        history = json.loads(self.client.get_registered_model(name).tags.get(PRODUCTION_HISTORY_TAG, "[]"))
+        history = json.loads(
+            self.client.get_registered_model(name).tags.get(PRODUCTION_HISTORY_TAG, "[]")
+        )
         return [str(v) for v in history]
 
     def _move_production(self, name: str, history: list[str]) -> None:

@@ -1,6 +1,6 @@
 """A Flower federation on Ray: a SuperLink and one SuperNode per data partition, then a run.
 
-    with Federation(cfg, state, files) as federation:
+    with Federation(RunSpec(cfg, plan, state), files) as federation:
         federation.run(on_round=print)
 
 The SuperLink's Fleet API listens on every interface (in-cluster and outside SuperNodes connect
@@ -14,18 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 import tomli_w
 
 from cluster.errors import UserError
-from cluster.state import StateDir
 from federated.certs import make_node_key, make_tls
-from federated.client_app import RAY_ADDRESS_KEY, RAY_NAMESPACE, WARM_TRAINER_KEY
-from federated.config import FederatedConfig, flower_run_config
 from federated.flower_processes import FlowerHost, WarmTrainer
+from federated.run_config import RAY_NAMESPACE, NodeConfig, RunSpec
 from federated.run_files import RunFiles
+from federated.strategy import RoundReport
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ class FederationError(UserError):
 
 
 class Federation:
-    def __init__(self, cfg: FederatedConfig, state: StateDir, files: RunFiles) -> None:
-        self.cfg, self.state, self.files = cfg, state, files
+    def __init__(self, run: RunSpec, files: RunFiles) -> None:
+        self.spec, self.cfg, self.files = run, run.cfg, files
         self.logs = files.root / "logs"
         self.link: ray.actor.ActorHandle | None = None
         self.nodes: list[ray.actor.ActorHandle] = []
@@ -150,7 +150,7 @@ class Federation:
         threads = max(1, int(flower.cpus_per_supernode))
         gcs_address = ray.get_runtime_context().gcs_address
         for partition in range(self.cfg.federation.num_clients):
-            node_config = f"partition-id={partition}"
+            node_config = NodeConfig(partition=partition)
             resources = {
                 "num_cpus": flower.cpus_per_supernode,
                 "num_gpus": flower.gpus_per_supernode,
@@ -159,7 +159,7 @@ class Federation:
                 name = f"fedforge-{self.cfg.name}-trainer-{partition}"
                 trainer = WarmTrainer.options(name=name, namespace=RAY_NAMESPACE, **resources)
                 self.trainers.append(trainer.remote(threads))
-                node_config += f' {WARM_TRAINER_KEY}="{name}" {RAY_ADDRESS_KEY}="{gcs_address}"'
+                node_config = replace(node_config, warm_trainer=name, ray_address=gcs_address)
                 resources = {"num_cpus": 0}
             node = FlowerHost.options(**resources).remote()
             argv = [
@@ -170,7 +170,7 @@ class Federation:
                 "--clientappio-api-address",
                 f"127.0.0.1:{ray.get(node.free_port.remote())}",
                 "--node-config",
-                node_config,
+                node_config.to_flower(),
             ]
             # Torch would start a thread per core in every ClientApp; give it the CPUs Ray gave.
             env = {"OMP_NUM_THREADS": str(threads)}
@@ -191,23 +191,23 @@ class Federation:
 
     # -- run ----------------------------------------------------------------------------------
 
-    def run(self, on_round: Callable[[dict], None], poll_seconds: float = 1.0) -> None:
+    def run(self, on_round: Callable[[RoundReport], None], poll_seconds: float = 1.0) -> None:
         """Submit the Flower run and follow it to the end, calling `on_round` per saved round."""
         run_config = self.files.root / "run-config.toml"
-        run_config.write_text(tomli_w.dumps(flower_run_config(self.cfg, self.state)))
+        run_config.write_text(tomli_w.dumps(self.spec.to_flower()))
         argv = ["flwr", "run", str(APP_DIR), FEDERATION, "--stream", "--run-config"]
         argv.append(str(run_config))
         run_log = self.logs / "flwr-run.log"
         env = {"FLWR_HOME": str(self.flwr_home)}
         ray.get(self.link.start.remote("run", argv, env, str(run_log)))
-        reported = {r["round"] for r in self.files.rounds()}
+        reported = {r.round for r in self.files.rounds()}
         dropped: set[int] = set()
         while True:
             finished = ray.get(self.link.returncode.remote("run")) is not None
-            for entry in self.files.rounds():
-                if entry["round"] not in reported:
-                    reported.add(entry["round"])
-                    on_round(entry)
+            for report in self.files.rounds():
+                if report.round not in reported:
+                    reported.add(report.round)
+                    on_round(report)
             if finished:
                 break
             if ray.get(self.link.returncode.remote("superlink")) is not None:

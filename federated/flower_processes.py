@@ -9,7 +9,6 @@ when its actor's process dies, so a killed job leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -20,12 +19,10 @@ from pathlib import Path
 
 import ray
 
-PR_SET_PDEATHSIG = 1
+from cluster.processes import exit_with_parent
+from federated.node_task import NodeResult, NodeTask
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `federated` is importable from
-
-
-def _exit_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -63,7 +60,7 @@ class FlowerHost:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_exit_with_parent,
+                preexec_fn=exit_with_parent,
             )
         return self.procs[name].pid
 
@@ -117,7 +114,7 @@ class WarmTrainer:
 
         torch.set_num_threads(threads)
 
-    def train(self, *args):
+    def train(self, task: NodeTask) -> NodeResult:
         from federated.local_train import train_for_node
 
-        return train_for_node(*args)
+        return train_for_node(task)

@@ -2,12 +2,12 @@
 
 The model, data encoding, batching and the plain optimizer step are llm/'s; only the DP step
 (federated.privacy) differs, because Opacus needs per-example losses and Poisson batches.
+`train_for_node` runs in the ClientApp's process (outside nodes) or in the node's warm trainer.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import time
 from collections.abc import Iterator
@@ -17,15 +17,17 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from cluster.state import StateDir
+from cluster.federated_config import FederatedConfig
 from federated.adapter_state import adapter_to_arrays, arrays_to_adapter
-from federated.config import OUTSIDE_CLIENT, FederatedConfig
-from federated.dp_history import History
-from federated.partition import client_partitions
+from federated.node_task import ClientState, History, NodeResult, NodeTask
+from federated.partition import client_examples
+from federated.plan import FederatedPlan
 from federated.privacy import dp_train_step, epsilon_of, make_private
+from federated.protocol import OUTSIDE_CLIENT, TrainMetrics, TrainReply
+from federated.run_config import NodeConfig, RunSpec
 from llm.data import Example, encode_example, load_examples
 from llm.lora import apply_lora
-from llm.model import load_model, load_tokenizer, resolve_model_path
+from llm.model import load_model, load_tokenizer
 from llm.training import rank_batch, train_step
 
 
@@ -33,12 +35,8 @@ from llm.training import rank_batch, train_step
 class LocalResult:
     arrays: ArrayRecord
     train_loss: float
-    steps: int  # cumulative over every round this client trained in
-    num_examples: int
-    history: History  # the accountant's, empty without local DP
+    client: ClientState  # steps and the accountant's history after this round
     seconds: float  # model load + local steps: the client's compute for the round
-    partition: int = -1  # the node's data partition, -1 for an outside node's own data
-    epsilon: float | None = None  # after this round, at the configured delta (local DP)
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,11 +64,13 @@ def train_round(
     cfg: FederatedConfig,
     model_path: str,
     examples: list[Example],
+    *,
     data_seed: int,
-    global_arrays: ArrayRecord,
-    steps_done: int,
-    history: History,
+    arrays: ArrayRecord,
+    client: ClientState,
+    noise_multiplier: float | None = None,
 ) -> LocalResult:
+    """Local steps from the global `arrays`: DP-SGD when a noise multiplier is given."""
     started = time.perf_counter()
     fed, dp = cfg.federation, cfg.privacy
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,20 +79,21 @@ def train_round(
         encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in examples
     ]
     model = lora_model(cfg, model_path, device)
-    arrays_to_adapter(model, global_arrays)
+    arrays_to_adapter(model, arrays)
     model.train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=fed.learning_rate
     )
     losses: list[float] = []
-    if dp.mode == "local_dp":
+    history = client.history or []
+    if noise_multiplier is not None:
         model, optimizer, loader, engine = make_private(
             model,
             optimizer,
             encoded,
             batch_size=fed.batch_size,
             pad_id=tokenizer.pad_token_id,
-            noise_multiplier=cfg.noise_multiplier(),
+            noise_multiplier=noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             accountant=dp.accountant,
             history=history,
@@ -105,7 +106,7 @@ def train_round(
                 losses.append(loss)
         history = list(engine.accountant.history)
     else:
-        for step in range(steps_done, steps_done + fed.local_steps):
+        for step in range(client.steps, client.steps + fed.local_steps):
             # Steps continue across rounds, so each round sees the next batches of the epoch.
             batch = rank_batch(
                 encoded, step, 0, 1, fed.batch_size, data_seed, tokenizer.pad_token_id
@@ -115,24 +116,19 @@ def train_round(
     return LocalResult(
         arrays=adapter_to_arrays(model),
         train_loss=sum(losses) / len(losses) if losses else float("nan"),
-        steps=steps_done + fed.local_steps,
-        num_examples=len(examples),
-        history=history,
+        client=ClientState(client.steps + fed.local_steps, history),
         seconds=time.perf_counter() - started,
     )
 
 
-def _local_data(cfg: FederatedConfig, node_config: dict) -> tuple[int, list[Example]]:
-    """An outside node's own file (`data-path`), or an in-cluster node's partition."""
-    if "data-path" in node_config:
-        return OUTSIDE_CLIENT, load_examples(str(node_config["data-path"]))
-    partition = int(node_config["partition-id"])
-    if not 0 <= partition < cfg.federation.num_clients:
-        raise ValueError(f"partition-id {partition} is outside 0..{cfg.federation.num_clients - 1}")
-    return partition, client_partitions(cfg)[partition]
+def _local_data(run: RunSpec, node: NodeConfig) -> tuple[int, list[Example]]:
+    """An outside node's own file, or an in-cluster node's planned partition."""
+    if node.data_path is not None:
+        return OUTSIDE_CLIENT, load_examples(node.data_path)
+    return node.partition, client_examples(run.cfg.data, run.plan, node.partition)
 
 
-def worst_case_history(cfg: FederatedConfig, rounds_before: int) -> History:
+def worst_case_history(cfg: FederatedConfig, plan: FederatedPlan, rounds_before: int) -> History:
     """The history of a client that trained in every one of `rounds_before` rounds.
 
     A resumed run has fresh SuperNode state, so the rounds before the restart are charged this
@@ -140,38 +136,38 @@ def worst_case_history(cfg: FederatedConfig, rounds_before: int) -> History:
     """
     if rounds_before == 0 or cfg.privacy.mode != "local_dp":
         return []
-    _, rate = cfg.dp_steps_and_rate()
-    return [(cfg.noise_multiplier(), rate, rounds_before * cfg.federation.local_steps)]
+    noise = plan.noise
+    return [(noise.noise_multiplier, noise.sample_rate, rounds_before * cfg.federation.local_steps)]
 
 
-def train_for_node(
-    cfg: FederatedConfig,
-    state: StateDir,
-    node_config: dict,
-    global_arrays: ArrayRecord,
-    steps_done: int,
-    history: History | None,
-    rounds_before: int,
-) -> LocalResult:
-    """One SuperNode's round: its data, the global adapter in, its adapter and epsilon out.
-
-    `history` None means this node has no accountant state (a fresh or resumed run).
-    """
-    partition, examples = _local_data(cfg, node_config)
-    if history is None:
-        history = worst_case_history(cfg, rounds_before)
+def train_for_node(task: NodeTask) -> NodeResult:
+    """One SuperNode's round: its data, the global adapter in, its adapter and epsilon out."""
+    cfg, plan = task.run.cfg, task.run.plan
+    partition, examples = _local_data(task.run, task.node)
+    client = task.client
+    if client.history is None:  # no accountant state on this node: a fresh or resumed run
+        client = ClientState(client.steps, worst_case_history(cfg, plan, task.task.round_offset))
+    local_dp = cfg.privacy.mode == "local_dp"
     result = train_round(
         cfg,
-        resolve_model_path(cfg.model.base, state),
+        task.run.state.base_model(cfg.model.base),
         examples,
-        cfg.federation.seed + partition,
-        global_arrays,
-        steps_done,
-        history,
+        data_seed=cfg.federation.seed + partition,
+        arrays=task.task.arrays,
+        client=client,
+        noise_multiplier=plan.noise.noise_multiplier if local_dp else None,
     )
     epsilon = (
-        epsilon_of(result.history, cfg.privacy.delta, cfg.privacy.accountant)
-        if cfg.privacy.mode == "local_dp"
+        epsilon_of(result.client.history, cfg.privacy.delta, cfg.privacy.accountant)
+        if local_dp
         else None
     )
-    return dataclasses.replace(result, partition=partition, epsilon=epsilon)
+    metrics = TrainMetrics(
+        num_examples=len(examples),
+        train_loss=result.train_loss,
+        steps=result.client.steps,
+        partition=partition,
+        train_seconds=result.seconds,
+        epsilon=epsilon,
+    )
+    return NodeResult(TrainReply(result.arrays, metrics), result.client)

@@ -1,23 +1,22 @@
 """Split the training examples across clients: IID, or skewed by a metadata label.
 
 Deterministic: the input order comes from `split_examples` (ranked by content hash) and every
-random draw comes from a generator seeded by `partition.seed`, so every process (server, each
-SuperNode) computes the same partitions without exchanging data.
+random draw comes from a generator seeded by `partition.seed`. The job partitions once, when it
+starts (federated.planning); nodes receive their indices with the plan and only look them up.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cluster.config import DataSettings
 from cluster.errors import UserError
+from cluster.federated_config import PartitionSettings
+from federated.plan import FederatedPlan
 from llm.data import Example, load_split
-
-if TYPE_CHECKING:
-    from federated.config import FederatedConfig, PartitionSettings
 
 MAX_DIRICHLET_DRAWS = 100
 
@@ -88,8 +87,14 @@ def partition_indices(
     return [sorted(p) for p in parts]
 
 
-def client_partitions(cfg: FederatedConfig) -> list[list[Example]]:
-    """The configured share of the training split, partitioned over the configured clients."""
-    split = load_split(cfg.data)
-    parts = partition_indices(split.train, cfg.federation.num_clients, cfg.partition)
-    return [[split.train[i] for i in part] for part in parts]
+def client_examples(data: DataSettings, plan: FederatedPlan, partition: int) -> list[Example]:
+    """An in-cluster client's examples: its planned indices into the clients' share of `data`."""
+    if not 0 <= partition < len(plan.partitions):
+        raise PartitionError(f"partition-id {partition} is outside 0..{len(plan.partitions) - 1}")
+    pool = load_split(data).train
+    if len(pool) != plan.pool_size:
+        raise PartitionError(
+            f"{data.path} gives this node {len(pool)} examples to share, the plan "
+            f"{plan.pool_size}: every in-cluster node needs the job's dataset"
+        )
+    return [pool[i] for i in plan.partitions[partition]]

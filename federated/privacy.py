@@ -15,15 +15,59 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
+from cluster.errors import UserError
+from cluster.federated_config import FederatedConfig
 from cluster.privacy_record import PrivacyRecord, RoundPrivacy
-from federated.dp_history import History
+from federated.node_task import History
+from federated.plan import NoisePlan
+from federated.strategy import RoundReport
 from llm.data import collate
 from llm.losses import per_example_loss
+
+# Beyond this the noise drowns the clipped gradient (its norm is at most max_grad_norm per
+# example, the noise's is sigma * max_grad_norm per coordinate): training cannot learn.
+MAX_USEFUL_NOISE = 10.0
+
+
+class PrivacyPlanError(UserError):
+    """No noise meets the configured privacy target. The message is meant for users."""
 
 
 def sample_rate(n_examples: int, batch_size: int) -> float:
     """Poisson sampling rate Opacus' DPDataLoader derives from a DataLoader (1 / len(loader))."""
     return 1 / math.ceil(n_examples / batch_size)
+
+
+def noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    rate: float,
+    steps: int,
+    accountant: str,
+    max_noise: float = MAX_USEFUL_NOISE,
+) -> float:
+    """Noise multiplier meeting (target_epsilon, delta) after `steps`, else PrivacyPlanError."""
+    where = (
+        f"privacy.target_epsilon {target_epsilon} at delta {delta} over {steps} steps at "
+        f"sampling rate {rate:.4g}"
+    )
+    hint = "raise target_epsilon or delta, or train fewer rounds/local_steps or smaller batches"
+    try:
+        noise = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    except ValueError as exc:  # Opacus gives up above a noise multiplier of 1e6
+        raise PrivacyPlanError(f"{where} cannot be met by any noise ({exc}): {hint}") from None
+    if noise > max_noise:
+        raise PrivacyPlanError(
+            f"{where} needs noise multiplier {noise:.1f}, above {max_noise}: noise that large "
+            f"drowns the clipped gradients and the adapter learns nothing; {hint}"
+        )
+    return noise
 
 
 def epsilon_of(history: History, delta: float, accountant: str) -> float:
@@ -39,38 +83,6 @@ def recompute_epsilon(
 ) -> float:
     """Epsilon from the logged numbers alone, independent of any training process."""
     return epsilon_of([(noise_multiplier, rate, steps)], delta, accountant)
-
-
-def noise_for_target(
-    target_epsilon: float,
-    delta: float,
-    rate: float,
-    steps: int,
-    accountant: str,
-    max_noise: float,
-) -> float:
-    """Noise multiplier meeting (target_epsilon, delta) after `steps`; ValueError saying why not."""
-    where = (
-        f"privacy.target_epsilon {target_epsilon} at delta {delta} over {steps} steps at "
-        f"sampling rate {rate:.4g}"
-    )
-    hint = "raise target_epsilon or delta, or train fewer rounds/local_steps or smaller batches"
-    try:
-        noise = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=rate,
-            steps=steps,
-            accountant=accountant,
-        )
-    except ValueError as exc:  # Opacus gives up above a noise multiplier of 1e6
-        raise ValueError(f"{where} cannot be met by any noise ({exc}): {hint}") from None
-    if noise > max_noise:
-        raise ValueError(
-            f"{where} needs noise multiplier {noise:.1f}, above {max_noise}: noise that large "
-            f"drowns the clipped gradients and the adapter learns nothing; {hint}"
-        )
-    return noise
 
 
 def make_private(
@@ -136,32 +148,33 @@ def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -
     return float(loss.detach())
 
 
-def privacy_record(cfg, rounds: list[dict]) -> PrivacyRecord:
+def privacy_record(
+    cfg: FederatedConfig, noise: NoisePlan | None, rounds: list[RoundReport]
+) -> PrivacyRecord:
     """The run's privacy guarantee and how it grew: what the registry and `privacy report` show.
 
     `epsilon` is the worst (largest) over clients and rounds: each client's guarantee is at
-    least this good. `steps` and `sample_rate` are the configured per-client totals.
+    least this good. `steps` and `sample_rate` are the planned per-client totals.
     """
     dp = cfg.privacy
     by_round = [
         RoundPrivacy(
-            round=r["round"],
-            epsilon=r.get("epsilon"),
-            clients={str(c["partition"]): c.get("epsilon") for c in r.get("per_client", [])},
+            round=r.round,
+            epsilon=r.epsilon,
+            clients={str(c.partition): c.epsilon for c in r.per_client.values()},
         )
         for r in rounds
     ]
-    if dp.mode == "none":
+    if noise is None:
         return PrivacyRecord(mode="none", by_round=by_round)
-    steps, rate = cfg.dp_steps_and_rate()
     return PrivacyRecord(
         mode=dp.mode,
         epsilon=max((r.worst for r in by_round if r.worst is not None), default=None),
         delta=dp.delta,
-        noise_multiplier=cfg.noise_multiplier(),
+        noise_multiplier=noise.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        sample_rate=rate,
-        steps=steps,
+        sample_rate=noise.sample_rate,
+        steps=noise.steps,
         accountant=dp.accountant,
         by_round=by_round,
     )

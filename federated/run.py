@@ -16,16 +16,21 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from cluster.config import load_config
 from cluster.entry import run_job
+from cluster.federated_config import FederatedConfig
 from cluster.privacy_record import PrivacyRecord
 from cluster.ray_cluster import connect
 from cluster.registry import Registry
 from cluster.state import StateDir
-from federated.config import FederatedConfig, load_federated_config
 from federated.federation import Federation
-from federated.partition import client_partitions
+from federated.plan import FederatedPlan
+from federated.planning import make_plan
 from federated.privacy import privacy_record
+from federated.protocol import EPSILON, TRAIN_LOSS
+from federated.run_config import RunSpec
 from federated.run_files import RunFiles
+from federated.strategy import RoundReport
 from llm.publish import Published, publish_adapter, tracked_run
 from llm.run_identity import check_or_record
 
@@ -41,16 +46,28 @@ class FederatedOutcome:
     privacy: PrivacyRecord
 
 
-def _round_line(entry: dict) -> str:
-    eps = f"{entry['epsilon']:.3f}" if entry.get("epsilon") is not None else "-"
-    loss = f"{entry['train_loss']:.4f}" if entry.get("train_loss") is not None else "-"
-    slowest = entry.get("slowest_client_seconds")
+def _plan_line(plan: FederatedPlan) -> str:
+    sizes = "/".join(str(len(p)) for p in plan.partitions)
+    line = f"[fedforge] plan: {len(plan.partitions)} in-cluster clients with {sizes} examples"
+    if plan.noise:
+        noise = plan.noise
+        line += (
+            f"; noise multiplier {noise.noise_multiplier:.4g} over {noise.steps} accounted "
+            f"steps, sampling rate up to {noise.sample_rate:.4g}"
+        )
+    return line
+
+
+def _round_line(report: RoundReport) -> str:
+    eps = f"{report.epsilon:.3f}" if report.epsilon is not None else "-"
+    loss = f"{report.train_loss:.4f}" if report.train_loss is not None else "-"
+    slowest = report.slowest_client_seconds
     line = (
-        f"[fedforge] round {entry['round']}: {entry['clients']} clients, loss {loss}, "
-        f"epsilon {eps}, {entry['seconds']:.1f} s"
+        f"[fedforge] round {report.round}: {report.clients} clients, loss {loss}, "
+        f"epsilon {eps}, {report.seconds:.1f} s"
         + (f" (slowest client {slowest:.1f} s)" if slowest else "")
     )
-    for node, why in {**entry["failed"], **entry["rejected"]}.items():
+    for node, why in {**report.failed, **report.rejected}.items():
         line += f"\n[fedforge]   node {node} left out: {why}"
     return line
 
@@ -59,7 +76,8 @@ def run_federated(
     cfg: FederatedConfig, state: StateDir, address: str | None = None
 ) -> FederatedOutcome:
     model_path = state.base_model(cfg.model.base)
-    client_partitions(cfg)  # a missing dataset or an impossible split fails before Ray starts
+    plan = make_plan(cfg)  # a missing dataset, an impossible split or DP target fails here
+    print(_plan_line(plan), flush=True)
     files = RunFiles(state, cfg.name)
     check_or_record(cfg, files.root, RESUMABLE_KEYS, RESUMABLE_SECTIONS)
     connect(address)
@@ -67,23 +85,23 @@ def run_federated(
     if (files.latest_round() or 0) < rounds:
         with tqdm(total=rounds, initial=files.latest_round() or 0, desc="rounds") as bar:
 
-            def on_round(entry: dict) -> None:
-                tqdm.write(_round_line(entry))
+            def on_round(report: RoundReport) -> None:
+                tqdm.write(_round_line(report))
                 bar.update(1)
 
-            with Federation(cfg, state, files) as federation:
+            with Federation(RunSpec(cfg, plan, state), files) as federation:
                 print(f"[fedforge] outside SuperNodes join at {federation.address}", flush=True)
                 federation.run(on_round)
     adapter_dir = files.adapter_dir(rounds)
     history = files.rounds()
-    privacy = privacy_record(cfg, history)
+    privacy = privacy_record(cfg, plan.noise, history)
     privacy.write(adapter_dir)  # the guarantee travels with the adapter
     registry = Registry.from_settings(cfg.registry, state)
     with tracked_run(registry, cfg) as run_id:
-        for entry in history:
-            per_round = {"train_loss": entry["train_loss"], "epsilon": entry["epsilon"]}
+        for report in history:
+            per_round = {TRAIN_LOSS: report.train_loss, EPSILON: report.epsilon}
             registry.log_metrics(
-                run_id, {k: v for k, v in per_round.items() if v is not None}, entry["round"]
+                run_id, {k: v for k, v in per_round.items() if v is not None}, report.round
             )
         published = publish_adapter(
             registry, run_id, cfg, model_path, adapter_dir, kind="federated", privacy=privacy.budget
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[fedforge] %(message)s")
-    cfg = load_federated_config(args.config)
+    cfg = load_config(args.config, FederatedConfig)
     outcome = run_federated(cfg, StateDir.resolve(args.state_dir), args.address)
     published, privacy = outcome.published, outcome.privacy
     eps = f"{privacy.epsilon:.3f}" if privacy.epsilon is not None else "n/a (no DP)"

@@ -2,7 +2,7 @@
 
 <state>/federated/<name>/round-000/   initial adapter (adapter_config.json + safetensors)
 <state>/federated/<name>/round-NNN/   global adapter after round NNN (written atomically)
-<state>/federated/<name>/rounds.jsonl one line per round: clients, loss, epsilon, seconds
+<state>/federated/<name>/rounds.jsonl one RoundReport per round: clients, loss, epsilon, seconds
 
 A round counts as saved once its adapter directory exists: it is renamed into place whole, and
 its log line is appended after it, so a crash between the two loses the line, not the round.
@@ -10,13 +10,12 @@ its log line is appended after it, so a crash between the two loses the line, no
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import ArrayRecord
 from peft import PeftModel
+from pydantic import ValidationError
 
 from cluster.state import StateDir
 from federated.adapter_state import arrays_to_adapter
@@ -44,23 +43,22 @@ class RunFiles:
         return save_adapter(model, self.adapter_dir(server_round))
 
     def append_round(self, report: RoundReport) -> None:
-        line = {k: v for k, v in asdict(report).items() if k != "arrays"}
-        with (self.rounds_log).open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        with self.rounds_log.open("a") as f:
+            f.write(report.model_dump_json() + "\n")
 
     @property
     def rounds_log(self) -> Path:
         return self.root / "rounds.jsonl"
 
-    def rounds(self) -> list[dict]:
+    def rounds(self) -> list[RoundReport]:
         """Logged rounds, the latest line per round (a resumed run may repeat one)."""
         if not self.rounds_log.exists():
             return []
-        by_round: dict[int, dict] = {}
+        by_round: dict[int, RoundReport] = {}
         for line in self.rounds_log.read_text().splitlines():
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
+                report = RoundReport.model_validate_json(line)
+            except ValidationError:  # a line cut short by a crash
                 continue
-            by_round[entry["round"]] = entry
+            by_round[report.round] = report
         return [by_round[r] for r in sorted(by_round)]

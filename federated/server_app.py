@@ -2,63 +2,45 @@
 
 The strategy is FedAvg, wrapped in Flower's server-side fixed-clipping central DP when the
 config asks for it, then in GuardedStrategy (outermost, so bad replies never reach clipping).
+The config, the plan (noise, partitions) and the state dir come from Flower's run config.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
+from cluster.federated_config import FederatedConfig
 from cluster.registry import Registry
 from cluster.state import StateDir
 from federated.adapter_state import adapter_to_arrays, load_adapter_dir
-from federated.client_app import ROUND_OFFSET_KEY
-from federated.config import FederatedConfig, from_run_config
 from federated.local_train import lora_model
+from federated.plan import NoisePlan
 from federated.privacy import recompute_epsilon
+from federated.protocol import RoundMetrics, TrainTask
+from federated.run_config import RunSpec
 from federated.run_files import RunFiles
-from federated.strategy import GuardedStrategy, aggregate_train_metrics
-from llm.model import resolve_model_path
+from federated.strategy import GuardedStrategy, RoundReport, build_strategy
 
 
-def _strategy(cfg: FederatedConfig) -> Strategy:
-    fed = cfg.federation
-    central = cfg.privacy.mode == "central_dp"
-    fedavg = FedAvg(
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=0.0,  # held-out evaluation runs on the server, after the rounds
-        min_train_nodes=fed.min_train_nodes,
-        min_available_nodes=fed.min_available_nodes,
-        weighted_by_key="unit-weight" if central else "num-examples",
-        train_metrics_aggr_fn=aggregate_train_metrics,
-    )
-    if not central:
-        return fedavg
-    return DifferentialPrivacyServerSideFixedClipping(
-        fedavg,
-        noise_multiplier=cfg.noise_multiplier(),
-        clipping_norm=cfg.privacy.max_grad_norm,
-        num_sampled_clients=cfg.sampled_clients(),
-    )
-
-
-def _epsilon_at(cfg: FederatedConfig):
+def _epsilon_at(
+    cfg: FederatedConfig, noise: NoisePlan | None
+) -> Callable[[int, RoundMetrics | None], float | None]:
     dp = cfg.privacy
-    rate = cfg.sampled_clients() / cfg.federation.num_clients
 
-    def epsilon_at(server_round: int, metrics: MetricRecord | None) -> float | None:
-        if dp.mode == "local_dp":
-            return float(metrics["epsilon"]) if metrics else None
+    def epsilon_at(server_round: int, metrics: RoundMetrics | None) -> float | None:
+        if dp.mode == "local_dp":  # the clients account; the worst one's
+            return metrics.epsilon if metrics else None
         if dp.mode == "central_dp":  # one Gaussian release of the average per round
-            noise = cfg.noise_multiplier()
-            return recompute_epsilon(server_round, rate, noise, dp.delta, dp.accountant)
+            rate, sigma = noise.sample_rate, noise.noise_multiplier
+            return recompute_epsilon(server_round, rate, sigma, dp.delta, dp.accountant)
         return None
 
     return epsilon_at
@@ -91,27 +73,33 @@ def build_server_app(run_config: dict[str, str] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg, state = from_run_config({**(run_config or {}), **context.run_config})
-        model = lora_model(cfg, resolve_model_path(cfg.model.base, state), torch.device("cpu"))
-        files = RunFiles(state, cfg.name)
-        done = _start_adapter(cfg, state, files, model)
+        run = RunSpec.from_flower({**(run_config or {}), **context.run_config})
+        cfg, noise = run.cfg, run.plan.noise
+        model = lora_model(cfg, run.state.base_model(cfg.model.base), torch.device("cpu"))
+        files = RunFiles(run.state, cfg.name)
+        done = _start_adapter(cfg, run.state, files, model)
         if done >= cfg.federation.rounds:
             log(INFO, "%s already finished its %d rounds", cfg.name, cfg.federation.rounds)
             return
 
-        def on_round(report) -> None:
-            if report.arrays is not None:
-                files.save_adapter(model, report.arrays, report.round)
+        def on_round(report: RoundReport, arrays: ArrayRecord | None) -> None:
+            if arrays is not None:
+                files.save_adapter(model, arrays, report.round)
             files.append_round(report)
 
         strategy = GuardedStrategy(
-            _strategy(cfg), cfg.federation.max_update_norm, _epsilon_at(cfg), on_round, done
+            build_strategy(cfg, noise),
+            cfg.federation.max_update_norm,
+            _epsilon_at(cfg, noise),
+            on_round,
+            done,
         )
+        task = TrainTask(adapter_to_arrays(model), round_offset=done)
         strategy.start(
             grid=grid,
-            initial_arrays=adapter_to_arrays(model),
+            initial_arrays=task.arrays,
             num_rounds=cfg.federation.rounds - done,
-            train_config=ConfigRecord({ROUND_OFFSET_KEY: done}),
+            train_config=task.config(),
         )
 
     return app

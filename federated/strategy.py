@@ -1,6 +1,7 @@
-"""A strategy wrapper that drops invalid replies before aggregation and reports every round.
+"""The server's strategy: FedAvg of the protocol's replies, and a wrapper that drops invalid
+replies before aggregation and reports every round.
 
-It wraps the outermost strategy (FedAvg, or FedAvg inside Flower's central-DP wrapper), because
+The wrapper is outermost (around FedAvg, or FedAvg inside Flower's central-DP wrapper), because
 the DP wrapper clips replies against the global adapter and would fail on a wrong shape first.
 """
 
@@ -8,19 +9,34 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from pydantic import BaseModel, ConfigDict
 
-from federated.validation import WEIGHT_KEY, update_problem
+from cluster.federated_config import FederatedConfig
+from federated.plan import NoisePlan
+from federated.protocol import (
+    ARRAYS,
+    CONFIG,
+    NUM_EXAMPLES,
+    UNIT_WEIGHT,
+    MessageError,
+    RoundMetrics,
+    TrainMetrics,
+    TrainReply,
+)
+from federated.validation import accepted_reply
 
 
-@dataclass(frozen=True)
-class RoundReport:
+class RoundReport(BaseModel):
+    """One round as the server saw it: a line of the run's rounds.jsonl."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
     round: int
     clients: int
     failed: dict[int, str]  # node id -> why its reply failed (e.g. the SuperNode died)
@@ -29,8 +45,7 @@ class RoundReport:
     epsilon: float | None
     seconds: float
     slowest_client_seconds: float | None
-    per_client: list[dict] = field(default_factory=list)  # partition, epsilon, steps, loss, s
-    arrays: ArrayRecord | None = field(default=None, repr=False)
+    per_client: dict[int, TrainMetrics]  # node id -> what it reported, for kept replies
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -39,26 +54,39 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     `weight_key` (Flower's signature) is ignored: under central DP FedAvg weighs clients
     uniformly, but the loss is still best averaged per example.
     """
-    metrics = [next(iter(r.metric_records.values())) for r in records]
-    examples = [float(m[WEIGHT_KEY]) for m in metrics]
-    weighted = sum(float(m["train_loss"]) * n for m, n in zip(metrics, examples, strict=True))
-    out = MetricRecord({WEIGHT_KEY: int(sum(examples)), "train_loss": weighted / sum(examples)})
-    for key in ("epsilon", "steps"):
-        if key in metrics[0]:
-            out[key] = max(m[key] for m in metrics)
-    return out
+    clients = [TrainReply.from_content(r).metrics for r in records]
+    examples = sum(c.num_examples for c in clients)
+    epsilons = [c.epsilon for c in clients if c.epsilon is not None]
+    return RoundMetrics(
+        num_examples=examples,
+        train_loss=sum(c.train_loss * c.num_examples for c in clients) / examples,
+        steps=max(c.steps for c in clients),
+        epsilon=max(epsilons, default=None),
+    ).to_record()
 
 
-def _client_summary(node: int, content: RecordDict) -> dict:
-    metrics = next(iter(content.metric_records.values()))  # validated: exactly one
-    return {
-        "node": node,
-        "partition": int(metrics.get("partition-id", -1)),
-        "train_loss": float(metrics.get("train_loss", float("nan"))),
-        "steps": int(metrics.get("steps", 0)),
-        "epsilon": float(metrics["epsilon"]) if "epsilon" in metrics else None,
-        "train_seconds": float(metrics.get("train-seconds", 0.0)),
-    }
+def build_strategy(cfg: FederatedConfig, noise: NoisePlan | None) -> Strategy:
+    """FedAvg over the protocol's records, inside Flower's central-DP wrapper for central_dp."""
+    fed = cfg.federation
+    central = cfg.privacy.mode == "central_dp"
+    fedavg = FedAvg(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=0.0,  # held-out evaluation runs on the server, after the rounds
+        min_train_nodes=fed.min_train_nodes,
+        min_available_nodes=fed.min_available_nodes,
+        weighted_by_key=UNIT_WEIGHT if central else NUM_EXAMPLES,
+        arrayrecord_key=ARRAYS,
+        configrecord_key=CONFIG,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+    )
+    if not central:
+        return fedavg
+    return DifferentialPrivacyServerSideFixedClipping(
+        fedavg,
+        noise_multiplier=noise.noise_multiplier,
+        clipping_norm=cfg.privacy.max_grad_norm,
+        num_sampled_clients=cfg.sampled_clients(),
+    )
 
 
 class GuardedStrategy(Strategy):
@@ -66,8 +94,8 @@ class GuardedStrategy(Strategy):
         self,
         inner: Strategy,
         max_update_norm: float,
-        epsilon_at: Callable[[int, MetricRecord | None], float | None],
-        on_round: Callable[[RoundReport], None],
+        epsilon_at: Callable[[int, RoundMetrics | None], float | None],
+        on_round: Callable[[RoundReport, ArrayRecord | None], None],
         round_offset: int = 0,
     ) -> None:
         self.inner = inner
@@ -88,7 +116,7 @@ class GuardedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        kept, rejected, failed, per_client = [], {}, {}, []
+        kept, rejected, failed, per_client = [], {}, {}, {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -96,31 +124,29 @@ class GuardedStrategy(Strategy):
                 log(WARNING, "round %d: node %d dropped out: %s", server_round, node, failed[node])
                 kept.append(reply)  # the inner strategy decides what a failure means
                 continue
-            problem = update_problem(self._global, reply.content, self.max_update_norm)
-            if problem:
-                log(
-                    WARNING,
-                    "round %d: rejected update from node %d: %s",
-                    server_round,
-                    node,
-                    problem,
-                )
-                rejected[node] = problem
-            else:
-                kept.append(reply)
-                per_client.append(_client_summary(node, reply.content))
+            try:
+                per_client[node] = accepted_reply(
+                    self._global, reply.content, self.max_update_norm
+                ).metrics
+            except MessageError as exc:
+                log(WARNING, "round %d: rejected update from node %d: %s", server_round, node, exc)
+                rejected[node] = str(exc)
+                continue
+            kept.append(reply)
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        totals = RoundMetrics.from_record(metrics) if metrics else None
         report = RoundReport(
             round=server_round,
             clients=len(kept) - len(failed),
             failed=failed,
             rejected=rejected,
-            train_loss=float(metrics["train_loss"]) if metrics else None,
-            epsilon=self.epsilon_at(server_round, metrics),
+            train_loss=totals.train_loss if totals else None,
+            epsilon=self.epsilon_at(server_round, totals),
             seconds=time.monotonic() - self._started,
-            slowest_client_seconds=max((c["train_seconds"] for c in per_client), default=None),
+            slowest_client_seconds=max(
+                (c.train_seconds for c in per_client.values()), default=None
+            ),
             per_client=per_client,
-            arrays=arrays,
         )
         log(
             INFO,
@@ -133,7 +159,7 @@ class GuardedStrategy(Strategy):
             f"{report.epsilon:.3f}" if report.epsilon is not None else "-",
             report.seconds,
         )
-        self.on_round(report)
+        self.on_round(report, arrays)
         return arrays, metrics
 
     def configure_evaluate(

@@ -11,26 +11,10 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-WEIGHT_KEY = "num-examples"
+from federated.protocol import MessageError, TrainReply
 
 
-def _reply_records(content: RecordDict) -> tuple[ArrayRecord | None, str | None]:
-    if len(content.array_records) != 1:
-        return None, f"expected one ArrayRecord, got {len(content.array_records)}"
-    if len(content.metric_records) != 1:
-        return None, f"expected one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    weight = metrics.get(WEIGHT_KEY)
-    if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-        return None, f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
-    return next(iter(content.array_records.values())), None
-
-
-def update_problem(global_arrays: ArrayRecord, content: RecordDict, max_norm: float) -> str | None:
-    """None when the reply can be aggregated, else the reason it cannot."""
-    update, problem = _reply_records(content)
-    if update is None:
-        return problem
+def _update_problem(global_arrays: ArrayRecord, update: ArrayRecord, max_norm: float) -> str | None:
     missing = sorted(set(global_arrays) - set(update))
     unexpected = sorted(set(update) - set(global_arrays))
     if missing or unexpected:
@@ -47,3 +31,12 @@ def update_problem(global_arrays: ArrayRecord, content: RecordDict, max_norm: fl
     if norm > max_norm:
         return f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}"
     return None
+
+
+def accepted_reply(global_arrays: ArrayRecord, content: RecordDict, max_norm: float) -> TrainReply:
+    """The reply when it can be aggregated; else MessageError with the reason it cannot."""
+    reply = TrainReply.from_content(content)  # the protocol's records and metrics
+    problem = _update_problem(global_arrays, reply.arrays, max_norm)
+    if problem:
+        raise MessageError(problem)
+    return reply

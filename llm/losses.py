@@ -11,7 +11,9 @@ import torch
 from llm.data import IGNORE_INDEX
 
 
-def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_token_losses(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss of every next-token prediction, mask of the ones that are answer tokens), both
     shaped (batch, length - 1); masked positions have loss 0."""
     targets = labels[:, 1:]

@@ -6,6 +6,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
+
 def load_tokenizer(path: str) -> PreTrainedTokenizer:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -29,14 +29,17 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cluster.config import dump_config  # noqa: E402
+from cluster.federated_config import FederatedConfig  # noqa: E402
 from cluster.state import StateDir  # noqa: E402
-from federated.config import FederatedConfig  # noqa: E402
 from federated.local_train import lora_model  # noqa: E402
-from federated.partition import client_partitions  # noqa: E402
+from federated.partition import client_examples  # noqa: E402
+from federated.planning import make_plan  # noqa: E402
 from federated.privacy import dp_train_step  # noqa: E402
 from federated.run_files import RunFiles  # noqa: E402
+from federated.strategy import RoundReport  # noqa: E402
 from llm.data import IGNORE_INDEX, collate, encode_example  # noqa: E402
-from llm.model import load_tokenizer, resolve_model_path  # noqa: E402
+from llm.model import load_tokenizer  # noqa: E402
 from llm.training import train_step  # noqa: E402
 
 
@@ -58,7 +61,7 @@ def bench_config(model: str, rounds: int, name: str, warm: bool) -> FederatedCon
 
 def _fixed_batch(cfg: FederatedConfig, model_path: str) -> tuple[list[dict], dict]:
     tokenizer = load_tokenizer(model_path)
-    examples = client_partitions(cfg)[0]
+    examples = client_examples(cfg.data, make_plan(cfg), 0)
     encoded = [
         encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in examples
     ]
@@ -130,9 +133,9 @@ def step_times(cfg: FederatedConfig, model_path: str, steps: int, warmup: int) -
     return results
 
 
-def round_times(cfg: FederatedConfig, state: StateDir) -> list[dict]:
+def round_times(cfg: FederatedConfig, state: StateDir) -> list[RoundReport]:
     config_path = state.root / "bench-federated.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    dump_config(cfg, config_path)
     subprocess.run(
         [
             sys.executable,
@@ -157,7 +160,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     home = StateDir.resolve()
-    model_path = resolve_model_path(args.model, home)
+    model_path = home.base_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         state = StateDir.resolve(tmp)
         (state.root / "models").symlink_to(home.models)
@@ -182,10 +185,10 @@ def main() -> int:
     print(f"{'ClientApp':<22} {'round':>5} {'wall s':>8} {'slowest client s':>17} {'ratio':>6}")
     for warm, entries in rounds.items():
         label = "warm Ray actor" if warm else "fresh process (stock)"
-        for entry in entries:
-            wall, slowest = entry["seconds"], entry["slowest_client_seconds"]
+        for report in entries:
+            wall, slowest = report.seconds, report.slowest_client_seconds
             ratio = wall / slowest
-            print(f"{label:<22} {entry['round']:>5} {wall:>8.1f} {slowest:>17.1f} {ratio:>6.2f}")
+            print(f"{label:<22} {report.round:>5} {wall:>8.1f} {slowest:>17.1f} {ratio:>6.2f}")
     return 0
 
 

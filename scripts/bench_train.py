@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from cluster.config import FinetuneConfig  # noqa: E402
 from cluster.registry import Registry  # noqa: E402
 from cluster.state import StateDir  # noqa: E402
-from llm.model import load_tokenizer, resolve_model_path  # noqa: E402
+from llm.model import load_tokenizer  # noqa: E402
 from llm.train_loop import make_trainer  # noqa: E402
 from llm.training import (  # noqa: E402
     encoded_train_set,
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the figures")
     args = parser.parse_args()
 
-    model_path = resolve_model_path(args.model, StateDir.resolve(REPO / ".fedforge"))
+    model_path = StateDir.resolve(REPO / ".fedforge").base_model(args.model)
     rows = []
     plain = plain_loop(bench_config(args.model, args.steps, 1), model_path, args.warmup)
     rows.append(("plain peft loop (1 process)", 1, plain))

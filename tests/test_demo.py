@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.lineage import PRIVACY_FILE
+from cluster.privacy_record import PrivacyRecord
 from cluster.registry import PRODUCTION, Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -45,19 +44,19 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     assert "demo finished in" in out
 
     registry = Registry(state.default_tracking_uri())
-    fine, fed = sorted(registry.versions("fedforge-tiny"), key=lambda v: int(v.version))
-    assert fine.tags["fedforge.kind"] == "finetune" and fed.tags["fedforge.kind"] == "federated"
+    fine, fed = registry.versions("fedforge-tiny")
+    assert (fine.lineage.kind, fed.lineage.kind) == ("finetune", "federated")
     for version in (fine, fed):
-        assert version.tags["fedforge.dataset_sha256"] and version.tags["fedforge.config_sha256"]
-    assert float(fed.tags["fedforge.privacy.epsilon"]) > 0
-    assert fed.tags["fedforge.privacy.delta"] == "1e-05"
+        assert version.lineage.dataset_sha256 and version.lineage.config_sha256
+        assert version.lineage.lora_rank == 8
+    assert fed.lineage.privacy.epsilon > 0 and fed.lineage.privacy.delta == 1e-5
     # The gate: production is one of the two, the one with the better held-out accuracy.
     production = registry.aliases("fedforge-tiny")[PRODUCTION]
-    accuracy = {str(v.version): float(v.tags["fedforge.metric.eval_accuracy"]) for v in (fine, fed)}
+    accuracy = {v.version: v.lineage.metrics["eval_accuracy"] for v in (fine, fed)}
     assert accuracy[production] == max(accuracy.values())
     adapter = registry.download("fedforge-tiny", fed.version, tmp_path / "download")
-    privacy = json.loads((adapter / PRIVACY_FILE).read_text())
-    assert privacy["by_round"] and privacy["epsilon"] > 0
+    privacy = PrivacyRecord.read(adapter)
+    assert privacy.by_round and privacy.epsilon == fed.lineage.privacy.epsilon
 
     [report_dir] = (state.reports).glob("demo-*")
     for name in ("report.md", "training_loss.png", "federated.png", "latency.png"):

@@ -3,6 +3,8 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.config import LoraSettings
+from cluster.lineage import Lineage
+from cluster.privacy_record import PrivacyBudget
 from cluster.registry import CANDIDATE, PRODUCTION, Registry, RegistryError
 from llm.lora import apply_lora, load_adapter, save_adapter
 from llm.model import load_model, load_tokenizer
@@ -23,18 +25,25 @@ def adapter_dir(state, tmp_path):
     return save_adapter(model, tmp_path / "adapter")
 
 
+TEST_LINEAGE = Lineage(
+    kind="test",
+    base_model="tiny",
+    lora_rank=4,
+    metrics={"eval_accuracy": 0.25},
+    privacy=PrivacyBudget(mode="local_dp", epsilon=2.5, delta=1e-5, steps=20),
+)
+
+
 def register(registry, adapter_dir, n=1):
     with registry.run("tests", "unit", {"p": 1}) as run_id:
-        return [
-            registry.register_adapter("m", adapter_dir, run_id, {"fedforge.kind": "test"})
-            for _ in range(n)
-        ]
+        return [registry.register_adapter("m", adapter_dir, run_id, TEST_LINEAGE) for _ in range(n)]
 
 
 def test_round_trip_register_alias_download_load_generate(registry, adapter_dir, state, tmp_path):
     (version,) = register(registry, adapter_dir)
-    assert registry.aliases("m") == {CANDIDATE: str(version.version)}
-    assert version.tags["fedforge.kind"] == "test"
+    assert registry.aliases("m") == {CANDIDATE: version.version}
+    # Reading a version gives the typed record back, field for field.
+    assert registry.get("m", CANDIDATE).lineage == TEST_LINEAGE
 
     downloaded = registry.download("m", CANDIDATE, tmp_path / "dl")
     original = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -57,9 +66,9 @@ def test_promote_and_rollback_keep_every_version(registry, adapter_dir):
     v1, v2, v3 = register(registry, adapter_dir, n=3)
     registry.promote("m", v1.version)
     registry.promote("m", CANDIDATE)  # alias resolves to the newest candidate, v3
-    assert registry.aliases("m")[PRODUCTION] == str(v3.version)
+    assert registry.aliases("m")[PRODUCTION] == v3.version
     assert registry.rollback("m").version == v1.version
-    assert registry.aliases("m")[PRODUCTION] == str(v1.version)
+    assert registry.aliases("m")[PRODUCTION] == v1.version
     assert [v.version for v in registry.versions("m")] == [v1.version, v2.version, v3.version]
     with pytest.raises(RegistryError, match="no earlier production version"):
         registry.rollback("m")

@@ -1,24 +1,25 @@
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.lineage import Lineage
 from cluster.registry import Registry
 
 runner = CliRunner()
 
 
-def registered(state, tmp_path, versions=2) -> Registry:
+def registered(empty_state, tmp_path, versions=2) -> Registry:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"0")
-    registry = Registry(state.default_tracking_uri(), state.mlflow_artifacts)
+    registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
     with registry.run("cli", "cli", {}) as run_id:
         for _ in range(versions):
             registry.register_adapter(
                 "demo-model",
                 adapter,
                 run_id,
-                {"fedforge.kind": "finetune", "fedforge.metric.eval_accuracy": "0.9"},
+                Lineage(kind="finetune", base_model="tiny", metrics={"eval_accuracy": 0.9}),
             )
     return registry
 
@@ -27,7 +28,8 @@ def invoke(state, *args):
     return runner.invoke(app, [*args, "--state-dir", str(state.root)])
 
 
-def test_list_promote_rollback_show(state, tmp_path):
+def test_list_promote_rollback_show(empty_state, tmp_path):
+    state = empty_state
     registered(state, tmp_path)
     listing = invoke(state, "registry", "list")
     assert listing.exit_code == 0
@@ -45,11 +47,14 @@ def test_list_promote_rollback_show(state, tmp_path):
     assert "fedforge.metric.eval_accuracy: 0.9" in shown.output
 
 
-def test_user_errors_are_one_line_not_a_traceback(state, tmp_path):
+def test_user_errors_are_one_line_not_a_traceback(empty_state, tmp_path):
+    state = empty_state
     registered(state, tmp_path, versions=1)
     result = invoke(state, "registry", "rollback", "demo-model")
-    assert result.exit_code == 1
-    assert "no earlier production version" in result.output
-    assert "Traceback" not in result.output
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "no earlier production version" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     missing = invoke(state, "registry", "show", "demo-model", "9")
-    assert missing.exit_code == 1 and "no version '9'" in missing.output
+    assert missing.exit_code == 2 and "error: no version '9'" in missing.output
+    no_record = invoke(state, "privacy", "report", "demo-model:1")
+    assert no_record.exit_code == 2 and "has no privacy record" in no_record.output

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from federated.config import FederatedConfig, load_federated_config
+from cluster.config import load_config
+from cluster.federated_config import FederatedConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "federated" / "tiny.yaml"
@@ -23,6 +24,10 @@ def write_config(tmp_path: Path, **sections: dict) -> Path:
     return path
 
 
+def tiny(tmp_path: Path, **sections: dict) -> FederatedConfig:
+    return load_config(write_config(tmp_path, **sections), FederatedConfig)
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> FederatedConfig:
-    return load_federated_config(write_config(tmp_path))
+    return tiny(tmp_path)

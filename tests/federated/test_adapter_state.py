@@ -4,11 +4,10 @@ import torch
 from federated.adapter_state import adapter_to_arrays, arrays_to_adapter, strip_opacus_prefix
 from federated.local_train import lora_model
 from federated.privacy import make_private
-from llm.model import resolve_model_path
 
 
 def test_adapter_round_trips_through_arrayrecord_unchanged(state, tiny_config):
-    path = resolve_model_path("tiny", state)
+    path = state.base_model("tiny")
     source = lora_model(tiny_config, path, torch.device("cpu"))
     with torch.no_grad():  # LoRA B starts at zero: make every tensor distinctive
         for p in source.parameters():
@@ -27,7 +26,7 @@ def test_adapter_round_trips_through_arrayrecord_unchanged(state, tiny_config):
 
 
 def test_opacus_wrapped_model_gives_the_same_keys(state, tiny_config):
-    model = lora_model(tiny_config, resolve_model_path("tiny", state), torch.device("cpu"))
+    model = lora_model(tiny_config, state.base_model("tiny"), torch.device("cpu"))
     plain = adapter_to_arrays(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     encoded = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}] * 4

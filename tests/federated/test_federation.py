@@ -23,13 +23,15 @@ import pytest
 import ray
 
 from federated.certs import make_node_key
-from federated.config import load_federated_config
 from federated.federation import Federation
 from federated.flower_processes import process_env
+from federated.planning import make_plan
+from federated.run_config import NodeConfig, RunSpec
 from federated.run_files import RunFiles
+from federated.strategy import RoundReport
 from llm.lora import load_adapter
-from llm.model import load_model, resolve_model_path
-from tests.federated.conftest import REPO, write_config
+from llm.model import load_model
+from tests.federated.conftest import REPO, tiny
 
 # Imported by every Python process started with this directory on PYTHONPATH: it makes the
 # ClientApp of that SuperNode return NaN tensors (a broken or malicious client).
@@ -70,7 +72,7 @@ def _outside_supernode(
         "--clientappio-api-address",
         f"127.0.0.1:{port}",
         "--node-config",
-        f'data-path="{data}"',
+        NodeConfig(data_path=str(data)).to_flower(),
         "--max-retries",
         "3",
         "--max-wait-time",
@@ -96,28 +98,26 @@ def test_round_survives_a_dead_node_a_nan_client_and_refuses_an_unknown_key(tmp_
     keys = tmp_path / "keys"
     trusted, trusted_pub = make_node_key(keys / "hospital")
     stranger, _ = make_node_key(keys / "stranger")
-    cfg = load_federated_config(
-        write_config(
-            tmp_path,
-            federation={
-                "num_clients": 3,
-                "min_available_nodes": 4,
-                "min_train_nodes": 2,
-                "local_steps": 1,
-            },
-            partition={"scheme": "iid", "min_examples": 8},
-            flower={
-                "host": "127.0.0.1",
-                "fleet_port": 19192,
-                "control_port": 19193,
-                "serverappio_port": 19191,
-                "tls": True,
-                "supernode_auth": True,
-                "authorized_keys": [str(trusted_pub)],
-                "external_clients": 2,
-                "cpus_per_supernode": 0.1,
-            },
-        )
+    cfg = tiny(
+        tmp_path,
+        federation={
+            "num_clients": 3,
+            "min_available_nodes": 4,
+            "min_train_nodes": 2,
+            "local_steps": 1,
+        },
+        partition={"scheme": "iid", "min_examples": 8},
+        flower={
+            "host": "127.0.0.1",
+            "fleet_port": 19192,
+            "control_port": 19193,
+            "serverappio_port": 19191,
+            "tls": True,
+            "supernode_auth": True,
+            "authorized_keys": [str(trusted_pub)],
+            "external_clients": 2,
+            "cpus_per_supernode": 0.1,
+        },
     )
     poison_dir = tmp_path / "poison"
     poison_dir.mkdir()
@@ -126,13 +126,13 @@ def test_round_survives_a_dead_node_a_nan_client_and_refuses_an_unknown_key(tmp_
     ray.init(num_cpus=2, include_dashboard=False)
     outside: list[subprocess.Popen] = []
     try:
-        with Federation(cfg, state, files) as federation:
+        with Federation(RunSpec(cfg, make_plan(cfg), state), files) as federation:
             nan_log = tmp_path / "nan.log"
             bad = _outside_supernode(federation, trusted, 19194, nan_log, str(poison_dir))
             refused = _outside_supernode(federation, stranger, 19195, tmp_path / "refused.log")
             outside += [bad, refused]
 
-            reports: list[dict] = []
+            reports: list[RoundReport] = []
             runner = threading.Thread(target=federation.run, args=(reports.append,))
             runner.start()
             victim_log = federation.logs / "supernode-2.log"
@@ -153,14 +153,13 @@ def test_round_survives_a_dead_node_a_nan_client_and_refuses_an_unknown_key(tmp_
         ray.shutdown()
 
     [report] = files.rounds()
-    assert report["clients"] == 2
-    assert len(report["failed"]) == 1  # the killed in-cluster node
-    [why] = report["rejected"].values()  # the NaN client, logged with its reason
+    assert report.clients == 2
+    assert len(report.failed) == 1  # the killed in-cluster node
+    [why] = report.rejected.values()  # the NaN client, logged with its reason
     assert "finite" in why or "nan" in why.lower()
-    assert sorted(c["partition"] for c in report["per_client"]) == [0, 1]
+    assert sorted(c.partition for c in report.per_client.values()) == [0, 1]
     before, after = (
-        load_adapter(load_model(resolve_model_path("tiny", state)), files.adapter_dir(r))
-        for r in (0, 1)
+        load_adapter(load_model(state.base_model("tiny")), files.adapter_dir(r)) for r in (0, 1)
     )
     after_state = after.state_dict()
     lora = [k for k in after_state if "lora_" in k]

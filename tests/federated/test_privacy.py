@@ -1,25 +1,29 @@
 import pytest
 import torch
 
+from federated.adapter_state import adapter_to_arrays
 from federated.local_train import lora_model, train_round
-from federated.partition import client_partitions
+from federated.node_task import ClientState
+from federated.partition import client_examples
+from federated.planning import make_plan
 from federated.privacy import (
     dp_train_step,
     epsilon_of,
     make_private,
-    per_example_loss,
     recompute_epsilon,
     sample_rate,
 )
 from llm.data import collate, encode_example
-from llm.model import load_tokenizer, resolve_model_path
+from llm.losses import per_example_loss
+from llm.model import load_tokenizer
 
 
 @pytest.fixture
 def private_tiny(state, tiny_config):
-    path = resolve_model_path("tiny", state)
+    path = state.base_model("tiny")
     tokenizer = load_tokenizer(path)
-    encoded = [encode_example(tokenizer, e, 64) for e in client_partitions(tiny_config)[0][:32]]
+    examples = client_examples(tiny_config.data, make_plan(tiny_config), 0)[:32]
+    encoded = [encode_example(tokenizer, e, 64) for e in examples]
     model = lora_model(tiny_config, path, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -64,7 +68,7 @@ def test_only_lora_tensors_get_per_sample_grads_and_base_weights_never_change(pr
 def test_epsilon_grows_with_steps_and_matches_opacus_recomputation(private_tiny):
     model, optimizer, loader, engine, *_ = private_tiny
     rate, epsilons = loader.sample_rate, []
-    assert rate == sample_rate(32, 4)
+    assert rate == sample_rate(32, 4)  # what the plan assumes for 32 examples
     batches = iter(loader)
     for _ in range(3):
         dp_train_step(model, optimizer, next(batches), lr=1e-2)
@@ -86,23 +90,29 @@ def test_an_empty_poisson_draw_is_a_noise_only_step_that_is_accounted(private_ti
 
 
 def test_budget_accumulates_across_rounds_for_a_client(state, tiny_config):
-    model_path = resolve_model_path("tiny", state)
-    data = client_partitions(tiny_config)[0]
-    round_1 = train_round(tiny_config, model_path, data, 0, _initial(state, tiny_config), 0, [])
-    round_2 = train_round(
-        tiny_config, model_path, data, 0, round_1.arrays, round_1.steps, round_1.history
-    )
+    model_path, plan = state.base_model("tiny"), make_plan(tiny_config)
+    data = client_examples(tiny_config.data, plan, 0)
+    initial = adapter_to_arrays(lora_model(tiny_config, model_path, torch.device("cpu")))
+    sigma = plan.noise.noise_multiplier
+
+    def train(arrays, client):
+        return train_round(
+            tiny_config,
+            model_path,
+            data,
+            data_seed=0,
+            arrays=arrays,
+            client=client,
+            noise_multiplier=sigma,
+        )
+
+    round_1 = train(initial, ClientState())
+    round_2 = train(round_1.arrays, round_1.client)
+
     steps = tiny_config.federation.local_steps
-    assert (round_1.steps, round_2.steps) == (steps, 2 * steps)
-    rate = sample_rate(len(client_partitions(tiny_config)[0]), tiny_config.federation.batch_size)
-    eps_1, eps_2 = (epsilon_of(r.history, 1e-5, "rdp") for r in (round_1, round_2))
+    assert (round_1.client.steps, round_2.client.steps) == (steps, 2 * steps)
+    assert plan.noise.sample_rates[0] == sample_rate(len(data), tiny_config.federation.batch_size)
+    eps_1, eps_2 = (epsilon_of(r.client.history, 1e-5, "rdp") for r in (round_1, round_2))
     assert 0 < eps_1 < eps_2
-    assert eps_2 == pytest.approx(recompute_epsilon(2 * steps, rate, 1.0, 1e-5), rel=1e-9)
-
-
-def _initial(state, cfg):
-    from federated.adapter_state import adapter_to_arrays
-
-    return adapter_to_arrays(
-        lora_model(cfg, resolve_model_path("tiny", state), torch.device("cpu"))
-    )
+    rate = plan.noise.sample_rates[0]
+    assert eps_2 == pytest.approx(recompute_epsilon(2 * steps, rate, sigma, 1e-5), rel=1e-9)

@@ -3,23 +3,24 @@ import pytest
 from flwr.simulation import run_simulation
 
 from federated.client_app import build_client_app
-from federated.config import flower_run_config, load_federated_config
+from federated.planning import make_plan
+from federated.run_config import RunSpec
 from federated.run_files import RunFiles
 from llm.lora import load_adapter
-from llm.model import load_model, resolve_model_path
-from tests.federated.conftest import write_config
+from llm.model import load_model
+from tests.federated.conftest import tiny
 
 
-@pytest.mark.slow
 @pytest.mark.integration
 def test_one_dp_round_in_simulation_changes_the_adapter_and_reports_epsilon(tmp_path, state):
-    _simulate(load_federated_config(write_config(tmp_path)), state)
+    _simulate(tiny(tmp_path), state)
 
     files = RunFiles(state, "tiny-federated")
     [report] = files.rounds()
-    assert report["clients"] == 2 and not report["failed"] and not report["rejected"]
-    assert report["epsilon"] > 0 and np.isfinite(report["train_loss"])
-    base = resolve_model_path("tiny", state)
+    assert report.clients == 2 and not report.failed and not report.rejected
+    assert report.epsilon > 0 and np.isfinite(report.train_loss)
+    assert sorted(c.partition for c in report.per_client.values()) == [0, 1]
+    base = state.base_model("tiny")
     before, after = (
         load_adapter(load_model(base), files.adapter_dir(r)).state_dict() for r in (0, 1)
     )
@@ -32,23 +33,23 @@ def test_one_dp_round_in_simulation_changes_the_adapter_and_reports_epsilon(tmp_
 def test_a_restarted_run_resumes_after_its_last_saved_round_and_keeps_charging_epsilon(
     tmp_path, state
 ):
-    _simulate(load_federated_config(write_config(tmp_path)), state)  # 1 of 2 rounds, then "crash"
+    _simulate(tiny(tmp_path), state)  # 1 of 2 rounds, then "crash"
     files = RunFiles(state, "tiny-federated")
     first_round_adapter = (files.adapter_dir(1) / "adapter_model.safetensors").read_bytes()
 
-    _simulate(load_federated_config(write_config(tmp_path, federation={"rounds": 2})), state)
+    _simulate(tiny(tmp_path, federation={"rounds": 2}), state)
 
     first, second = files.rounds()
-    assert (first["round"], second["round"]) == (1, 2)
+    assert (first.round, second.round) == (1, 2)
     # Round 1 was not trained again, and the restarted clients were charged for it.
     assert (files.adapter_dir(1) / "adapter_model.safetensors").read_bytes() == first_round_adapter
-    assert second["epsilon"] > first["epsilon"]
+    assert second.epsilon > first.epsilon
 
 
 def _simulate(cfg, state) -> None:
     from federated.server_app import build_server_app
 
-    run_config = flower_run_config(cfg, state)
+    run_config = RunSpec(cfg, make_plan(cfg), state).to_flower()
     run_simulation(
         server_app=build_server_app(run_config),
         client_app=build_client_app(run_config),

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
-from federated.validation import update_problem
+from federated.protocol import METRICS, NUM_EXAMPLES, MessageError, TrainMetrics, TrainReply
+from federated.validation import accepted_reply
 
 
 def record(arrays: dict) -> ArrayRecord:
@@ -17,10 +18,8 @@ GLOBAL = record(
 )
 
 
-def reply(arrays: dict, examples: int = 10) -> RecordDict:
-    return RecordDict(
-        {"arrays": record(arrays), "metrics": MetricRecord({"num-examples": examples})}
-    )
+def reply(arrays: dict) -> TrainReply:
+    return TrainReply(record(arrays), TrainMetrics(10, 2.0, 4, 0, 1.0))
 
 
 def fine() -> dict:
@@ -31,7 +30,7 @@ def fine() -> dict:
 
 
 def test_a_small_finite_update_is_accepted():
-    assert update_problem(GLOBAL, reply(fine()), max_norm=1.0) is None
+    assert accepted_reply(GLOBAL, reply(fine()).to_content(), max_norm=1.0) == reply(fine())
 
 
 @pytest.mark.parametrize(
@@ -43,13 +42,18 @@ def test_a_small_finite_update_is_accepted():
         (lambda a: a.update({"b.lora_A.weight": a.pop("a.lora_A.weight")}), "wrong keys"),
         (lambda a: a.pop("a.lora_B.weight"), "wrong keys"),
         (lambda a: a.update({"a.lora_A.weight": np.full((4, 8), 100.0, np.float32)}), "norm"),
+        (lambda a: a.update({"a.lora_A.weight": np.ones((4, 8), np.int32)}), "non-float"),
     ],
 )
 def test_broken_updates_are_rejected_with_a_reason(change, reason):
     arrays = fine()
     change(arrays)
-    assert reason in update_problem(GLOBAL, reply(arrays), max_norm=1.0)
+    with pytest.raises(MessageError, match=reason):
+        accepted_reply(GLOBAL, reply(arrays).to_content(), max_norm=1.0)
 
 
-def test_a_reply_without_a_positive_weight_is_rejected():
-    assert "num-examples" in update_problem(GLOBAL, reply(fine(), examples=0), max_norm=1.0)
+def test_a_reply_that_breaks_the_protocol_is_rejected_with_the_reason():
+    content = reply(fine()).to_content()
+    content.metric_records[METRICS][NUM_EXAMPLES] = 0
+    with pytest.raises(MessageError, match="'num-examples' must be a positive number"):
+        accepted_reply(GLOBAL, content, max_norm=1.0)

@@ -3,7 +3,6 @@ a real MLflow store. Each job runs as its own process, as `ray job submit` would
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -67,13 +66,14 @@ def test_two_worker_run_lowers_the_loss_and_registers_lineage(tmp_path, state):
 
     registry = Registry(state.default_tracking_uri())
     (version,) = registry.versions("fedforge-tiny")
-    assert registry.aliases("fedforge-tiny") == {CANDIDATE: str(version.version)}
-    tags = version.tags
-    assert tags["fedforge.dataset_sha256"] == dataset_sha256(REPO / "llm/demo_task/tickets.jsonl")
-    assert tags["fedforge.base_model"] == "tiny"
-    assert yaml.safe_load(tags["fedforge.config"])["train"]["max_steps"] == 12
-    assert "torch" in json.loads(tags["fedforge.packages"])
-    assert float(tags["fedforge.metric.eval_loss"]) > 0
+    assert registry.aliases("fedforge-tiny") == {CANDIDATE: version.version}
+    lineage = version.lineage
+    assert lineage.dataset_sha256 == dataset_sha256(REPO / "llm/demo_task/tickets.jsonl")
+    assert lineage.base_model == "tiny" and lineage.kind == "finetune"
+    assert lineage.lora_rank == yaml.safe_load(config.read_text())["lora"]["r"]
+    assert yaml.safe_load(lineage.config)["train"]["max_steps"] == 12
+    assert "torch" in lineage.packages
+    assert lineage.metrics["eval_loss"] > 0 and "loss" in lineage.metrics
     run = registry.client.get_run(version.run_id)
     history = registry.client.get_metric_history(version.run_id, "loss")
     assert len(history) >= 12 and run.info.status == "FINISHED"

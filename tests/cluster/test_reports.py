@@ -1,0 +1,81 @@
+"""What users read: the demo's summary table and report, and `fedforge privacy report`."""
+
+from __future__ import annotations
+
+from cluster.demo_report import DemoResult, summary_table, write_report
+from cluster.gate import decide
+from cluster.lineage import Lineage
+from cluster.privacy_cli import render_report
+from cluster.privacy_record import PrivacyBudget, PrivacyRecord, RoundPrivacy
+from cluster.registry import Registry, VersionRecord
+
+
+def _version(registry: Registry, version: str, accuracy: float, kind: str, **lineage):
+    with registry.run("report", kind, {}) as run_id:
+        steps = range(1, 4)
+        key = "loss" if kind == "finetune" else "train_loss"
+        for step in steps:
+            registry.log_metrics(run_id, {key: 3.0 / step, "epsilon": 0.5 * step}, step)
+    metrics = {"eval_accuracy": accuracy, "base_accuracy": 0.1}
+    return VersionRecord(
+        "m",
+        version,
+        run_id,
+        "src",
+        "a",
+        Lineage(kind=kind, base_model="tiny", metrics=metrics, **lineage),
+    )
+
+
+def _result(registry: Registry) -> DemoResult:
+    fine = _version(registry, "1", 0.8, "finetune")
+    privacy = PrivacyBudget(mode="local_dp", epsilon=2.994, delta=1e-5)
+    fed = _version(registry, "2", 0.9, "federated", privacy=privacy)
+    return DemoResult(
+        versions={"fine-tuned": fine, "federated": fed},
+        gate=decide([fine, fed], None),
+        endpoint="http://127.0.0.1:8000/v1",
+        latencies=[0.3, 0.5, 0.4],
+        first_token=[0.1, 0.2, 0.15],
+        cold_start=34.2,
+        answers=[("Route this", "billing")],
+        minutes=8.1,
+    )
+
+
+def test_summary_table_shows_accuracy_privacy_gate_and_latency(empty_state):
+    result = _result(Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts))
+    table = summary_table(result, "m")
+    rows = {line.split("   ")[0].strip(): line for line in table.splitlines()}
+    assert "10.0%" in rows["held-out accuracy: base model"]
+    assert "80.0%" in rows["... fine-tuned, central share (m:1)"]
+    assert "(2.99, 1e-05)" in rows["privacy of the federated rounds (epsilon, delta)"]
+    assert "promoted v2 (90.0%) over no production version" in rows["gate"]
+    assert "150 ms / 200 ms" in rows["first token p50 / p99 (3 streamed requests)"]
+    assert "34 s" in table and "8.1 min" in table
+
+
+def test_report_has_the_table_answers_and_three_plots(empty_state, tmp_path):
+    registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
+    report = write_report(_result(registry), registry, empty_state, tmp_path, "m")
+    text = report.read_text()
+    assert "| gate | promoted v2" in text and "| Route this | `billing` |" in text
+    for png in ("training_loss.png", "federated.png", "latency.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_privacy_report_lists_every_round_and_client():
+    record = PrivacyRecord(
+        mode="local_dp", epsilon=2.994, delta=1e-5, noise_multiplier=1.1426, max_grad_norm=1.0,
+        sample_rate=1 / 11, steps=20, accountant="rdp",
+        by_round=[
+            RoundPrivacy(round=1, clients={"0": 2.1, "1": 2.444}),
+            RoundPrivacy(round=2, clients={"0": 2.9, "1": 2.994}),
+        ],
+    )  # fmt: skip
+    text = render_report("m:2", record)
+    assert text.splitlines()[0] == "m:2: local_dp, epsilon 2.994 at delta 1e-05 (rdp accountant)"
+    assert "noise multiplier 1.143" in text and "20 steps per client" in text
+    last = text.splitlines()[-1].split()
+    assert last == ["2", "2.994", "2.900", "2.994"]
+    assert render_report("m:1", PrivacyRecord(mode="none")) == "m:1: none (no differential privacy)"
