@@ -4,6 +4,8 @@ fedforge processes call `ray.init`."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import ray
 
@@ -28,16 +30,20 @@ def connect(
         return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=not quiet)
+        _keeping_sigterm_handler(
+            lambda: ray.init(address=address, namespace=namespace, log_to_driver=not quiet)
+        )
         return None
     # "local" always starts a fresh head, never silently joins a `ray start` cluster on the host.
-    context = ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        namespace=namespace,
-        include_dashboard=True,
-        log_to_driver=not quiet,
-        _metrics_export_port=metrics_export_port,
+    context = _keeping_sigterm_handler(
+        lambda: ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            namespace=namespace,
+            include_dashboard=True,
+            log_to_driver=not quiet,
+            _metrics_export_port=metrics_export_port,
+        )
     )
     dashboard = getattr(context, "dashboard_url", None)
     print(
@@ -47,3 +53,19 @@ def connect(
         flush=True,
     )
     return dashboard
+
+
+def _keeping_sigterm_handler(init):
+    """Run `init` (a ray.init) and put this process' own SIGTERM handler back afterwards.
+
+    ray.init installs one that calls sys.exit and lets Ray's own handler abort the process about
+    3 s into the clean-up, leaving the head's agents behind. The job's handler
+    (cluster.entry.run_job) unwinds like Ctrl-C instead, and `ray.shutdown` at exit stops them.
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler) or threading.current_thread() is not threading.main_thread():
+        return init()  # no handler of ours to keep (or not ours to set: main thread only)
+    try:
+        return init()
+    finally:
+        signal.signal(signal.SIGTERM, handler)

@@ -32,9 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.config import load_config  # noqa: E402
-from cluster.state import StateDir  # noqa: E402
-from serve.app import resolve_model_source  # noqa: E402
 from cluster.serve_config import ServeConfig  # noqa: E402
+from cluster.state import StateDir  # noqa: E402
 
 KEY = "sk-bench"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -80,6 +79,7 @@ def make_adapter(state: StateDir, finetune_config: str, base: str) -> tuple[Path
     import torch
 
     from cluster.config import FinetuneConfig
+    from cluster.lineage import Lineage
     from cluster.registry import Registry
     from llm.lora import apply_lora, save_adapter
     from llm.model import load_model
@@ -87,7 +87,7 @@ def make_adapter(state: StateDir, finetune_config: str, base: str) -> tuple[Path
     root = state.root / "bench" / "registry"
     shutil.rmtree(root, ignore_errors=True)
     lora = load_config(REPO / finetune_config, FinetuneConfig).lora
-    model = apply_lora(load_model(resolve_model_source(base, state)), lora, seed=0)
+    model = apply_lora(load_model(state.base_model(base)), lora, seed=0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -96,8 +96,8 @@ def make_adapter(state: StateDir, finetune_config: str, base: str) -> tuple[Path
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     registry = Registry(tracking_uri, root / "artifacts")
     with registry.run("bench-serve", ADAPTER, {}) as run_id:
-        tags = {"fedforge.base_model": base, "fedforge.kind": "bench"}
-        version = registry.register_adapter(ADAPTER, adapter_dir, run_id, tags, alias=None)
+        lineage = Lineage(kind="bench", base_model=base, lora_rank=lora.r)
+        version = registry.register_adapter(ADAPTER, adapter_dir, run_id, lineage, alias=None)
     registry.promote(ADAPTER, version.version)
     return adapter_dir, tracking_uri
 
@@ -257,7 +257,7 @@ def main() -> None:
             "--port",
             str(bare_port),
             "--model",
-            resolve_model_source(cfg.model.base, state),
+            state.base_model(cfg.model.base),
             "--served-model-name",
             cfg.model_id,
             "--dtype",

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.serve.llm import LLMConfig
 
-from cluster.registry import ARTIFACT_PATH_TAG, Registry
+from cluster.registry import Registry
 from serve.adapters import parse_engine_id
+from serve.ray_internal import DiskMultiplexConfig, global_id_manager
 
 log = logging.getLogger(__name__)
 # Key of LLMConfig.experimental_configs carrying {tracking_uri, cache_dir} to the replicas.
@@ -34,9 +33,14 @@ STORE_KEY = "fedforge_adapter_store"
 class RegistryAdapterLoader:
     """Ray Serve LLM's `model_downloader` contract: `load_model_from_config(id, llm_config)`.
 
-    A version's files never change, so each is downloaded once per node into a directory named
-    after its unique artifact path, written to a temporary name and renamed into place.
+    `LLMServer` constructs it with `download_timeout_s` and `max_tries` from the app's
+    `lora_config` (Ray's defaults: 30 s, 3 tries); a fetch that times out or fails is tried
+    again after a doubling pause. A version's files never change, so each is downloaded once
+    per node into a directory named after its unique artifact path, written to a temporary name
+    and renamed into place.
     """
+
+    backoff_s = 1.0  # the first pause between tries
 
     def __init__(
         self,
@@ -65,7 +69,7 @@ class RegistryAdapterLoader:
                 if attempt == self.max_tries:
                     raise
                 log.warning("fetching %s failed (%s); retrying", lora_model_id, exc)
-                await asyncio.sleep(2**attempt)
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
         log.info("adapter %s ready in %.2f s", lora_model_id, time.monotonic() - started)
         return DiskMultiplexConfig(
             model_id=lora_model_id,
@@ -78,7 +82,7 @@ class RegistryAdapterLoader:
         """The version's adapter directory in the local cache, downloaded if missing."""
         route = parse_engine_id(lora_model_id)
         version = self.registry.get(route.name, route.version)
-        target = self.cache_dir / route.name / f"v{route.version}-{version.tags[ARTIFACT_PATH_TAG]}"
+        target = self.cache_dir / route.name / f"v{route.version}-{version.artifact_path}"
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,20 +6,24 @@ to Ray Serve LLM) are `<base id>:<name>:<version>`: Ray's multiplexed LoRA id, o
 registered version and never reused. The engine and Serve never reload an id they already hold,
 so a promote or rollback never overwrites anything: the ingress re-reads the aliases every
 `adapters.refresh_seconds` and routes `<name>` to another engine id.
+
+A version the engine could not load (trained on another base model, or of a LoRA rank above
+`engine.max_lora_rank`) is left out of the table: not listed, and asking for it is a 404 like any
+unknown id, instead of failing in the engine. A left-out rank is warned about once.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from dataclasses import dataclass, field
 
-from cluster.lineage import TAG_PREFIX
-from cluster.registry import PRODUCTION, Registry
+from cluster.lineage import Lineage
+from cluster.registry import PRODUCTION, Registry, VersionRecord
 
 log = logging.getLogger(__name__)
-BASE_MODEL_TAG = TAG_PREFIX + "base_model"
+# What Lineage reads for a version registered without a base model: it may be any base.
+UNKNOWN_BASE = Lineage.from_tags({}).base_model
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,12 @@ def parse_engine_id(engine_id: str) -> AdapterRoute:
 
 @dataclass(frozen=True)
 class AdapterTable:
-    """One snapshot of the registry: public id -> route. Replaced whole, never mutated."""
+    """One snapshot of the registry: public id -> route, and why each left-out id is left out.
+
+    Replaced whole, never mutated."""
 
     routes: dict[str, AdapterRoute] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name or `<name>:<version>` -> why
 
     def resolve(self, model: str) -> AdapterRoute | None:
         return self.routes.get(model)
@@ -68,40 +75,59 @@ class AdapterSource:
 
     tracking_uri: str
     base_id: str
-    base_model: str | None = None  # skip versions tagged with another base; None: keep all
+    base_model: str | None = None  # skip versions trained on another base; None: keep all
+    max_lora_rank: int | None = None  # skip versions of a higher LoRA rank; None: keep all
     models: tuple[str, ...] | None = None
     refresh_seconds: float = 10.0
 
 
-@functools.cache  # the table is re-read every few seconds: say it once per name
-def _warn_unservable(name: str) -> None:
-    log.warning("registered model '%s' is not served: its name is not a usable model id", name)
-
-
-def _servable_name(name: str, source: AdapterSource) -> bool:
+def _unservable_name(name: str, source: AdapterSource) -> str | None:
+    """Why no version of `name` can be served under its name, or None."""
     if ":" in name or name == source.base_id:
-        _warn_unservable(name)
-        return False
-    return source.models is None or name in source.models
+        return f"registered model '{name}' is not served: its name is not a usable model id"
+    return None
+
+
+def _unservable_version(version: VersionRecord, source: AdapterSource) -> str | None:
+    """Why the engine cannot load `version`, or None. A lineage without the value passes."""
+    rank = version.lineage.lora_rank
+    if source.max_lora_rank is not None and rank is not None and rank > source.max_lora_rank:
+        return (
+            f"'{version.name}' version {version.version} is not served: its LoRA rank {rank} "
+            f"exceeds the engine's max_lora_rank {source.max_lora_rank} (raise "
+            "engine.max_lora_rank in the serve config to serve it)"
+        )
+    return None
+
+
+def _same_base(version: VersionRecord, source: AdapterSource) -> bool:
+    base = version.lineage.base_model
+    return source.base_model is None or base in (source.base_model, UNKNOWN_BASE)
 
 
 def read_table(registry: Registry, source: AdapterSource) -> AdapterTable:
     routes: dict[str, AdapterRoute] = {}
+    skipped: dict[str, str] = {}
     for name in registry.model_names():
-        if not _servable_name(name, source):
+        if source.models is not None and name not in source.models:
             continue
-        servable = {
-            str(v.version)
-            for v in registry.versions(name)
-            if source.base_model is None
-            or v.tags.get(BASE_MODEL_TAG, source.base_model) == source.base_model
-        }
+        if reason := _unservable_name(name, source):
+            skipped[name] = reason
+            continue
+        servable = set()
+        for version in registry.versions(name):
+            if not _same_base(version, source):
+                continue  # made for another base model: not this endpoint's, nothing to say
+            if reason := _unservable_version(version, source):
+                skipped[f"{name}:{version.version}"] = reason
+            else:
+                servable.add(version.version)
         for version in servable:
             routes[f"{name}:{version}"] = AdapterRoute(name, version)
         production = registry.aliases(name).get(PRODUCTION)
         if production in servable:
             routes[name] = AdapterRoute(name, production)
-    return AdapterTable(routes)
+    return AdapterTable(routes, skipped)
 
 
 class AdapterWatcher:
@@ -126,7 +152,9 @@ class AdapterWatcher:
         except Exception:  # the registry is down or mid-migration: keep serving the last table
             log.exception("reading adapters from the registry failed; keeping the last table")
             return
-        if table != self.table:
+        for model_id in sorted(table.skipped.keys() - self.table.skipped.keys()):
+            log.warning(table.skipped[model_id])  # once, not at every refresh
+        if table.routes != self.table.routes:
             log.info("serving adapters: %s", ", ".join(table.ids()) or "none")
         self.table = table
 

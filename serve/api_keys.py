@@ -8,12 +8,13 @@ import hmac
 import os
 from pathlib import Path
 
+from cluster.errors import UserError
 from cluster.serve_config import AuthSettings
 
 HASH_PREFIX = "sha256:"
 
 
-class ApiKeyError(ValueError):
+class ApiKeyError(UserError):
     """No usable API key is configured. The message is for users."""
 
 

@@ -8,20 +8,19 @@
 from __future__ import annotations
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import make_fastapi_ingress
 
 from cluster.config import load_config
-from cluster.registry import Registry
+from cluster.registry import Registry, tracking_uri
+from cluster.serve_config import ServeConfig
 from cluster.state import StateDir
 from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
 from serve.api_keys import load_key_hashes
-from cluster.serve_config import ServeConfig
 from serve.ingress import KeyCheckedIngress
+from serve.ray_internal import DEFAULT_ENDPOINTS, to_model_metadata
 
 # Ray Serve LLM's OpenAI routes plus a readiness route (see KeyCheckedIngress.health).
 ENDPOINTS = {**DEFAULT_ENDPOINTS, "health": lambda app: app.get("/health")}
@@ -29,41 +28,32 @@ ENGINE_SERVER_CLASS = "serve.engine:EngineServer"
 LOCAL_MODEL_CALLBACK = "serve.engine:LocalModelCallback"
 
 
-def resolve_model_source(base: str, state: StateDir) -> str:
-    """'demo'/'tiny' name directories in the state dir; anything else is a hub id or path."""
-    if base == "demo":
-        return str(state.demo_model)
-    if base == "tiny":
-        return str(state.tiny_model)
-    return base
-
-
-def tracking_uri(cfg: ServeConfig, state: StateDir) -> str:
-    return cfg.registry.tracking_uri or state.default_tracking_uri()
-
-
 def adapter_store(cfg: ServeConfig, state: StateDir) -> dict:
     """Where engine replicas fetch registry adapters from (see serve.engine.EngineServer)."""
     # Open the store here, once: a fresh SQLite store is created and migrated on first use, and
     # replicas starting together would race on that migration (alembic fails for all but one).
-    Registry(tracking_uri(cfg, state))
+    uri = tracking_uri(cfg.registry, state)
+    Registry(uri)
     cache_dir = cfg.adapters.cache_dir or str(state.root / "serve" / "adapters")
-    return {"tracking_uri": tracking_uri(cfg, state), "cache_dir": cache_dir}
+    return {"tracking_uri": uri, "cache_dir": cache_dir}
 
 
 def adapter_source(cfg: ServeConfig, state: StateDir) -> AdapterSource | None:
     if not cfg.adapters.enabled:
         return None
     return AdapterSource(
-        tracking_uri=tracking_uri(cfg, state),
+        tracking_uri=tracking_uri(cfg.registry, state),
         base_id=cfg.model_id,
         base_model=cfg.model.base if cfg.adapters.same_base_only else None,
+        max_lora_rank=cfg.engine.max_lora_rank,
         models=tuple(cfg.adapters.models) if cfg.adapters.models is not None else None,
         refresh_seconds=cfg.adapters.refresh_seconds,
     )
 
 
 def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
+    # First: a missing model directory fails here, naming it, before any store or replica.
+    model_source = state.base_model(cfg.model.base)
     scaling = cfg.autoscaling
     experimental = {"stream_batching_interval_ms": cfg.engine.stream_batching_ms}
     lora_engine, lora_options = {}, {}
@@ -81,7 +71,7 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
     return LLMConfig(
         model_loading_config={
             "model_id": cfg.model_id,
-            "model_source": resolve_model_source(cfg.model.base, state),
+            "model_source": model_source,
         },
         accelerator_config={"kind": cfg.accelerator},
         placement_group_config={

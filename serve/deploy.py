@@ -10,21 +10,19 @@ with `--write-serve-config PATH` and exits.
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 
 import yaml
 from ray import serve
 
-from cluster.config import ConfigError, load_config
+from cluster.config import load_config
+from cluster.entry import run_job
+from cluster.errors import UserError
 from cluster.ray_cluster import connect
-from cluster.state import StateDir
-from serve.api_keys import ApiKeyError
-from serve.app import build_app
 from cluster.serve_config import ServeConfig
+from cluster.state import StateDir
+from serve.app import build_app
 
 
 def serve_config_file(cfg: ServeConfig, config_path: str, state: StateDir) -> dict:
@@ -42,15 +40,17 @@ def serve_config_file(cfg: ServeConfig, config_path: str, state: StateDir) -> di
     }
 
 
-class DeployError(RuntimeError):
+class DeployError(UserError):
     """The application failed to deploy; the message is Serve's reason."""
 
 
 def deploy(cfg: ServeConfig, state: StateDir) -> str:
     """Start the app and return its base URL once every replica is ready."""
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     started = time.monotonic()
-    serve.run(build_app(cfg, state), name=cfg.name, route_prefix="/", blocking=False)
+    # Built first: a missing model or API key fails here, before Serve starts anything.
+    app = build_app(cfg, state)
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
     # serve.run returns once the ingress is up; the engine replicas may still be loading.
     while (status := serve.status().applications[cfg.name].status) != "RUNNING":
         if status == "DEPLOY_FAILED":
@@ -68,26 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS)")
     parser.add_argument("--write-serve-config", default=None, metavar="PATH")
     args = parser.parse_args(argv)
+    cfg = load_config(args.config, ServeConfig)
+    state = StateDir.resolve(args.state_dir)
+    if args.write_serve_config:
+        Path(args.write_serve_config).write_text(
+            yaml.safe_dump(serve_config_file(cfg, args.config, state), sort_keys=False)
+        )
+        return 0
+    state.base_model(cfg.model.base)  # a missing model fails now, before Ray starts
+    connect(args.address, metrics_export_port=cfg.metrics_port)
     try:
-        cfg = load_config(args.config, ServeConfig)
-        state = StateDir.resolve(args.state_dir)
-        if args.write_serve_config:
-            Path(args.write_serve_config).write_text(
-                yaml.safe_dump(serve_config_file(cfg, args.config, state), sort_keys=False)
-            )
-            return 0
-        connect(args.address, metrics_export_port=cfg.metrics_port)
         deploy(cfg, state)
-    except (ConfigError, ApiKeyError, DeployError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
-    return 0
+        while True:  # serve until SIGINT or SIGTERM (KeyboardInterrupt)
+            time.sleep(3600)
+    finally:  # also after a failed deploy: no replica outlives this process
+        serve.shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

@@ -15,11 +15,10 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from ray.llm._internal.common.callbacks.base import CallbackBase
-from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMConfig, LLMServer
 
 from serve.adapter_loader import STORE_KEY, RegistryAdapterLoader
+from serve.ray_internal import CallbackBase, VLLMEngine
 
 
 class LocalModelCallback(CallbackBase):
@@ -41,12 +40,18 @@ class InProcessCPUEngine(VLLMEngine):
         )
 
 
+def registry_loader(llm_config: LLMConfig) -> partial | None:
+    """The model downloader reading this app's registry (None without adapters). LLMServer
+    calls it with its retry settings: `(download_timeout_s=..., max_tries=...)`."""
+    store = llm_config.experimental_configs.get(STORE_KEY)
+    if not store:
+        return None
+    return partial(RegistryAdapterLoader, store["tracking_uri"], store["cache_dir"])
+
+
 class EngineServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, **kwargs):
         kwargs.setdefault("engine_cls", InProcessCPUEngine)
-        store = llm_config.experimental_configs.get(STORE_KEY)
-        if store and "model_downloader" not in kwargs:
-            kwargs["model_downloader"] = partial(
-                RegistryAdapterLoader, store["tracking_uri"], store["cache_dir"]
-            )
+        if "model_downloader" not in kwargs and (loader := registry_loader(llm_config)):
+            kwargs["model_downloader"] = loader
         await super().__init__(llm_config, **kwargs)

@@ -2,8 +2,9 @@
 
 Ray Serve LLM has no key check (ray-project/ray#55369); its maintainers point to a custom ingress
 class. This one keeps the stock constructor, checks `Authorization: Bearer` on every model route,
-parses bodies itself so bad ones get a 400 (see serve.errors), resolves registry adapter ids
-(see serve.adapters), then delegates to the stock handlers. `GET /health` is a readiness probe.
+parses bodies itself so bad ones get a 400 (see serve.request_checks), resolves registry adapter
+ids (see serve.adapters), then delegates to the stock handlers. `GET /health` is a readiness
+probe. Every refusal has OpenAI's error shape (serve.errors).
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import math
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
 from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from serve.adapters import AdapterSource, AdapterTable, AdapterWatcher
 from serve.api_keys import bearer_hash, is_authorized
-from serve.errors import BadRequest, openai_error, parse_body
+from serve.errors import openai_error
 from serve.rate_limit import RateLimiter
+from serve.ray_internal import ModelCard, ModelList
 from serve.relabel import relabel
+from serve.request_checks import BadRequest, parse_body
 
 
 class KeyCheckedIngress(OpenAiIngress):

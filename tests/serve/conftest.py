@@ -5,23 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from cluster.config import LoraSettings
+from cluster.lineage import Lineage
 from cluster.registry import Registry
 from cluster.state import StateDir
+
+TINY_RANK = 4  # the rank of `tiny_adapters`, within configs/serve/tiny.yaml's max_lora_rank
 
 
 @pytest.fixture(scope="session")
 def tiny_adapters(provisioned: StateDir, tmp_path_factory) -> list[Path]:
-    """Two random LoRA adapters (r=4 on q/v) for the tiny model that answer differently."""
+    """Two random LoRA adapters (r=TINY_RANK on q/v) for the tiny model that answer differently."""
+    import torch
+
     from llm.lora import apply_lora, save_adapter
     from llm.model import load_model
 
     root = tmp_path_factory.mktemp("adapters")
     adapters = []
     for seed in (1, 2):
-        model = apply_lora(load_model(str(provisioned.tiny_model)), LoraSettings(r=4), seed=seed)
+        lora = LoraSettings(r=TINY_RANK)
+        model = apply_lora(load_model(str(provisioned.tiny_model)), lora, seed=seed)
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(seed)
             for name, param in model.named_parameters():
@@ -31,9 +36,15 @@ def tiny_adapters(provisioned: StateDir, tmp_path_factory) -> list[Path]:
     return adapters
 
 
-def register(registry: Registry, adapter_dir: Path, name: str, base_model: str = "tiny") -> str:
+def register(
+    registry: Registry,
+    adapter_dir: Path,
+    name: str,
+    base_model: str = "tiny",
+    lora_rank: int | None = TINY_RANK,
+) -> str:
     """Register `adapter_dir` as a new version of `name` (no alias) and return its number."""
+    lineage = Lineage(kind="test", base_model=base_model, lora_rank=lora_rank)
     with registry.run("serve-tests", name, {}) as run_id:
-        tags = {"fedforge.base_model": base_model, "fedforge.kind": "test"}
-        version = registry.register_adapter(name, adapter_dir, run_id, tags, alias=None)
-    return str(version.version)
+        version = registry.register_adapter(name, adapter_dir, run_id, lineage, alias=None)
+    return version.version

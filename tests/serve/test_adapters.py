@@ -1,18 +1,24 @@
 """Registry adapters without Ray: the routing table, the replica-side fetch, relabelled answers.
 
-The endpoint tests (test_endpoint.py) exercise the same pieces on the running app.
+The registry is a real SQLite one in a fresh state dir; the adapter directories it stores are
+stubs (files named like an adapter's), since nothing here reads them. The endpoint tests
+(test_endpoint.py) serve real adapters through the same pieces on the running app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from cluster.config import RegistrySettings
 from cluster.registry import Registry
+from cluster.serve_config import ServeConfig
 from serve.adapter_loader import RegistryAdapterLoader
 from serve.adapters import (
     AdapterRoute,
@@ -22,7 +28,6 @@ from serve.adapters import (
     parse_engine_id,
     read_table,
 )
-from cluster.serve_config import ServeConfig
 from serve.relabel import MODEL_HEADER, relabel
 from tests.serve.conftest import register
 
@@ -30,23 +35,33 @@ BASE = "fedforge-tiny"
 
 
 @pytest.fixture
-def registry(state) -> Registry:
-    return Registry(state.default_tracking_uri(), state.mlflow_artifacts)
+def registry(empty_state) -> Registry:
+    return Registry.from_settings(RegistrySettings(), empty_state)
+
+
+@pytest.fixture
+def stub_adapter(tmp_path) -> Path:
+    """A stub adapter directory: the registry stores its files and never reads them."""
+    adapter = tmp_path / "stub-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"stub")
+    return adapter
 
 
 def source(registry: Registry, **kw) -> AdapterSource:
     return AdapterSource(tracking_uri=registry.tracking_uri, base_id=BASE, **kw)
 
 
-def test_production_alias_and_versions_become_model_ids(registry, tiny_adapters):
-    v1 = register(registry, tiny_adapters[0], "router")
-    v2 = register(registry, tiny_adapters[1], "router")
-    other_base = register(registry, tiny_adapters[0], "router", base_model="demo")
-    register(registry, tiny_adapters[0], "other")
+def test_production_alias_and_versions_become_model_ids(registry, stub_adapter):
+    v1 = register(registry, stub_adapter, "router")
+    v2 = register(registry, stub_adapter, "router")
+    other_base = register(registry, stub_adapter, "router", base_model="demo")
+    register(registry, stub_adapter, "other")
     table = read_table(registry, source(registry, base_model="tiny"))
     # No `production` yet: only fixed versions; a version made for another base is left out.
     assert table.ids() == ["other:1", f"router:{v1}", f"router:{v2}"]
-    assert f"router:{other_base}" not in table.ids()
+    assert f"router:{other_base}" not in table.ids() and not table.skipped
 
     registry.promote("router", v1)
     assert read_table(registry, source(registry)).resolve("router") == AdapterRoute("router", v1)
@@ -55,6 +70,53 @@ def test_production_alias_and_versions_become_model_ids(registry, tiny_adapters)
     registry.rollback("router")
     assert read_table(registry, source(registry)).resolve("router") == AdapterRoute("router", v1)
     assert read_table(registry, source(registry, models=("other",))).ids() == ["other:1"]
+
+
+def test_a_version_above_the_engines_lora_rank_is_left_out(registry, stub_adapter):
+    narrow = register(registry, stub_adapter, "router", lora_rank=8)
+    wide = register(registry, stub_adapter, "router", lora_rank=32)
+    unknown = register(registry, stub_adapter, "router", lora_rank=None)  # predates the tag
+    registry.promote("router", wide)
+
+    table = read_table(registry, source(registry, max_lora_rank=16))
+    # Not listed, and `router` (production = the wide one) resolves to nothing: a 404.
+    assert table.ids() == [f"router:{narrow}", f"router:{unknown}"]
+    assert table.resolve("router") is None and table.resolve(f"router:{wide}") is None
+    reason = table.skipped[f"router:{wide}"]
+    assert f"'router' version {wide}" in reason
+    assert "rank 32" in reason and "max_lora_rank 16" in reason
+
+    roomier = read_table(registry, source(registry, max_lora_rank=32))
+    assert roomier.resolve("router") == AdapterRoute("router", wide) and not roomier.skipped
+
+
+def test_a_left_out_version_is_warned_about_once(registry, stub_adapter, caplog):
+    wide = register(registry, stub_adapter, "router", lora_rank=32)
+    caplog.set_level(logging.WARNING, logger="serve.adapters")
+    watcher = AdapterWatcher(source(registry, max_lora_rank=16, refresh_seconds=3600))
+    try:
+        watcher.refresh()
+        watcher.refresh()
+    finally:
+        watcher.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"'router' version {wide}" in warnings[0]
+
+
+def test_a_registry_outage_keeps_the_last_table(registry, stub_adapter):
+    register(registry, stub_adapter, "router")
+    watcher = AdapterWatcher(source(registry, refresh_seconds=3600))
+    try:
+        assert watcher.table.ids() == ["router:1"]
+
+        def outage():
+            raise ConnectionError("registry down")
+
+        watcher.registry.model_names = outage
+        watcher.refresh()
+        assert watcher.table.ids() == ["router:1"]
+    finally:
+        watcher.stop()
 
 
 def test_engine_ids_round_trip_and_bad_ones_are_refused():
@@ -71,24 +133,8 @@ def test_ids_list_each_alias_then_versions_by_number():
     assert AdapterTable(routes).ids() == ["a", "a:2", "a:10"]
 
 
-def test_a_registry_outage_keeps_the_last_table(registry, tiny_adapters):
-    register(registry, tiny_adapters[0], "router")
-    watcher = AdapterWatcher(source(registry, refresh_seconds=3600))
-    try:
-        assert watcher.table.ids() == ["router:1"]
-
-        def outage():
-            raise ConnectionError("registry down")
-
-        watcher.registry.model_names = outage
-        watcher.refresh()
-        assert watcher.table.ids() == ["router:1"]
-    finally:
-        watcher.stop()
-
-
-def test_replicas_fetch_a_version_once_into_their_cache(registry, tiny_adapters, tmp_path):
-    version = register(registry, tiny_adapters[0], "router")
+def test_replicas_fetch_a_version_once_into_their_cache(registry, stub_adapter, tmp_path):
+    version = register(registry, stub_adapter, "router")
     loader = RegistryAdapterLoader(registry.tracking_uri, str(tmp_path / "cache"))
     engine_id = AdapterRoute("router", version).engine_id(BASE)
     loaded = asyncio.run(loader.load_model_from_config(engine_id, None))
@@ -101,6 +147,48 @@ def test_replicas_fetch_a_version_once_into_their_cache(registry, tiny_adapters,
 
     loader.registry.download = no_download
     assert loader.fetch(engine_id) == Path(loaded.local_path)
+
+
+def test_a_failed_fetch_is_tried_again(registry, stub_adapter, tmp_path):
+    version = register(registry, stub_adapter, "router")
+    loader = RegistryAdapterLoader(registry.tracking_uri, str(tmp_path / "cache"), max_tries=2)
+    loader.backoff_s = 0
+    download, calls = loader.registry.download, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("connection reset")
+        return download(*args)
+
+    loader.registry.download = flaky
+    engine_id = AdapterRoute("router", version).engine_id(BASE)
+    assert Path(asyncio.run(loader.load_model_from_config(engine_id, None)).local_path).is_dir()
+    assert len(calls) == 2
+
+
+def test_ray_builds_the_loader_with_its_retry_settings(empty_state):
+    """LLMServer constructs the model downloader with `download_timeout_s` and `max_tries`
+    (from lora_config): the loader must take both, or no engine replica starts."""
+    from ray.serve.llm import LLMServer
+
+    from cluster.config import ModelSettings
+    from serve.app import llm_config
+    from serve.engine import registry_loader
+
+    cfg = ServeConfig(model=ModelSettings(base="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    config = llm_config(cfg, empty_state)
+    loader, built = registry_loader(config), []
+
+    def recording(**kwargs):
+        built.append(loader(**kwargs))
+        return built[-1]
+
+    # Only the loader wiring (a private method: the call this test pins), on a stand-in for
+    # the server: a real LLMServer instance would start an engine.
+    LLMServer._init_multiplex_loader(SimpleNamespace(_llm_config=config), recording)
+    (made,) = built
+    assert made.max_tries >= 2 and made.timeout_s  # Ray's defaults: 3 tries, 30 s each
 
 
 def test_answers_name_the_version_that_answered():

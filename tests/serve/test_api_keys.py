@@ -1,7 +1,7 @@
 import pytest
 
-from serve.api_keys import ApiKeyError, hash_key, is_authorized, load_key_hashes
 from cluster.serve_config import AuthSettings
+from serve.api_keys import ApiKeyError, hash_key, is_authorized, load_key_hashes
 
 
 def test_keys_from_env_and_file_are_kept_as_hashes(tmp_path):

@@ -265,6 +265,10 @@ def first_token(client: openai.OpenAI, model: str) -> tuple[float, str, str]:
     return reply.choices[0].logprobs.token_logprobs[0], raw.headers[MODEL_HEADER], reply.model
 
 
+def listed_ids(endpoint: str) -> list[str]:
+    return [m["id"] for m in httpx.get(f"{endpoint}/models", headers=auth()).json()["data"]]
+
+
 def engine_replicas() -> set[str]:
     return {
         a["name"]
@@ -279,11 +283,8 @@ def versions(endpoint, registry, tiny_adapters) -> list[str]:
     found = [register(registry, adapter, ADAPTER) for adapter in tiny_adapters]
     registry.promote(ADAPTER, found[0])
 
-    def listed():
-        ids = [m["id"] for m in httpx.get(f"{endpoint}/models", headers=auth()).json()["data"]]
-        return ADAPTER in ids
-
-    assert wait_for(listed), "the endpoint never listed the registered adapter"
+    listed = wait_for(lambda: ADAPTER in listed_ids(endpoint))
+    assert listed, "the endpoint never listed the registered adapter"
     return found
 
 
@@ -350,3 +351,20 @@ def test_unknown_adapter_gets_openai_404_listing_ids(client, versions):
     assert error["code"] == "model_not_found" and error["param"] == "model"
     for known in (MODEL, ADAPTER, *(f"{ADAPTER}:{v}" for v in versions)):
         assert known in error["message"]
+
+
+def test_a_version_above_max_lora_rank_is_left_out(endpoint, registry, tiny_adapters):
+    # Last in the file: the listing tests above expect only ADAPTER's versions.
+    max_rank = load_config("configs/serve/tiny.yaml", ServeConfig).engine.max_lora_rank
+    wide = register(registry, tiny_adapters[0], "too-wide", lora_rank=max_rank * 2)
+    narrow = register(registry, tiny_adapters[0], "too-wide")  # registered after `wide`:
+    assert wait_for(lambda: f"too-wide:{narrow}" in listed_ids(endpoint))  # both were read
+    assert f"too-wide:{wide}" not in listed_ids(endpoint)
+    response = httpx.post(
+        f"{endpoint}/completions",
+        headers=auth(),
+        timeout=60,
+        json={"model": f"too-wide:{wide}", "prompt": "hi", "max_tokens": 1},
+    )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
