@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.config import config_hash, dump_config
+from cluster.config import config_hash
 from cluster.privacy_record import PrivacyBudget
 
 TAG_PREFIX = "fedforge."
@@ -26,6 +26,8 @@ PRIVACY_PREFIX = TAG_PREFIX + "privacy."
 # Kept by the registry itself: where a version's files sit in its run, and the alias history.
 ARTIFACT_PATH_TAG = TAG_PREFIX + "artifact_path"
 PRODUCTION_HISTORY_TAG = TAG_PREFIX + "production_history"
+REGISTRATION_TAG = TAG_PREFIX + "registration"  # "pending" until its last step, then "complete"
+CONFIG_FILE = "fedforge_config.yaml"  # the job's config, registered beside the adapter
 
 TRACKED_PACKAGES = (
     "fedforge",
@@ -81,8 +83,9 @@ class Lineage(BaseModel):
     run_name: str = ""
     lora_rank: int | None = Field(None, description="LoRA r: the engine must allow it.")
     dataset_sha256: str = ""
-    config_sha256: str = ""
-    config: str = Field("", description="The whole validated job config, as YAML.")
+    config_sha256: str = Field(
+        "", description=f"sha256 of the job config, registered beside the adapter as {CONFIG_FILE}."
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     validation_examples: int | None = None
     privacy: PrivacyBudget | None = None
@@ -110,7 +113,6 @@ class Lineage(BaseModel):
             lora_rank=config.lora.r,
             dataset_sha256=dataset_sha256,
             config_sha256=config_hash(config),
-            config=dump_config(config),
             metrics=metrics,
             validation_examples=validation_examples,
             privacy=privacy,

@@ -8,8 +8,11 @@ after its creation fails, it is deleted again), old versions are never removed, 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,16 +23,25 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from cluster.config import RegistrySettings
 from cluster.errors import UserError
-from cluster.lineage import ARTIFACT_PATH_TAG, PRODUCTION_HISTORY_TAG, Lineage
+from cluster.lineage import (
+    ARTIFACT_PATH_TAG,
+    PRODUCTION_HISTORY_TAG,
+    REGISTRATION_TAG,
+    Lineage,
+)
 from cluster.state import StateDir
 
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
+PENDING, COMPLETE = "pending", "complete"  # values of REGISTRATION_TAG
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+ARTIFACT_PATH = re.compile(r"adapter-[0-9a-f]{12}")
 
 
 class RegistryError(UserError):
@@ -49,12 +61,18 @@ class VersionRecord:
 
     @classmethod
     def of(cls, version: ModelVersion) -> VersionRecord:
+        artifact_path = version.tags.get(ARTIFACT_PATH_TAG, "")
+        if not ARTIFACT_PATH.fullmatch(artifact_path):  # it becomes a path in every cache
+            raise RegistryError(
+                f"version {version.version} of '{version.name}' has an invalid artifact path "
+                f"{artifact_path!r}"
+            )
         return cls(
             name=version.name,
             version=str(version.version),
             run_id=version.run_id,
             source=version.source,
-            artifact_path=version.tags.get(ARTIFACT_PATH_TAG, ""),
+            artifact_path=artifact_path,
             lineage=Lineage.from_tags(version.tags),
         )
 
@@ -87,7 +105,12 @@ class Registry:
         # An explicit location keeps artifacts in the state dir; otherwise MLflow writes them to
         # ./mlruns of the job's temporary working directory, which Ray deletes afterwards.
         location = self.artifact_root.as_uri() if self.artifact_root else None
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:  # a concurrent job created it first
+            if not _already_exists(exc):
+                raise
+        return self.client.get_experiment_by_name(name).experiment_id
 
     @contextmanager
     def run(self, experiment: str, run_name: str, params: dict[str, str]) -> Iterator[str]:
@@ -116,25 +139,32 @@ class Registry:
         run_id: str,
         lineage: Lineage,
         alias: str | None = CANDIDATE,
+        files: dict[str, str] | None = None,
     ) -> VersionRecord:
-        """Upload `adapter_dir` to the run and register it as a new version of `name`."""
+        """Upload `adapter_dir` (plus `files`, name -> text, beside it) to the run and register
+        it as a new version of `name`.
+
+        The version is created `pending` and marked complete as the last step: a registration
+        killed half-way leaves a version no reader serves or promotes, and the next one works.
+        """
+        check_model_name(name)
         artifact_path = f"adapter-{uuid.uuid4().hex[:12]}"
         # Artifacts first: a failure here leaves an orphan upload in the run, never a version.
         self.client.log_artifacts(run_id, str(adapter_dir), artifact_path)
+        for filename, text in (files or {}).items():
+            self.client.log_text(run_id, text, f"{artifact_path}/{filename}")
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         try:
-            self.client.get_registered_model(name)
-        except MlflowException:
             self.client.create_registered_model(name, description="fedforge LoRA adapters")
-        version = self.client.create_model_version(
-            name,
-            source=source,
-            run_id=run_id,
-            tags={**lineage.to_tags(), ARTIFACT_PATH_TAG: artifact_path},
-        )
+        except MlflowException as exc:  # registered before, or by a concurrent first registration
+            if not _already_exists(exc):
+                raise
+        tags = {**lineage.to_tags(), ARTIFACT_PATH_TAG: artifact_path, REGISTRATION_TAG: PENDING}
+        version = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         try:
             if alias:
                 self.client.set_registered_model_alias(name, alias, version.version)
+            self.client.set_model_version_tag(name, version.version, REGISTRATION_TAG, COMPLETE)
         except BaseException:
             log.error(
                 "registering %s v%s failed; removing the partial version", name, version.version
@@ -144,8 +174,16 @@ class Registry:
         return self.get(name, version.version)
 
     def versions(self, name: str) -> list[VersionRecord]:
-        found = self.client.search_model_versions(f"name = '{name}'")
-        return sorted((VersionRecord.of(v) for v in found), key=lambda v: int(v.version))
+        """The complete versions of `name`, oldest first."""
+        records = []
+        for version in self.client.search_model_versions(f"name = '{name}'"):
+            if not _is_complete(version):
+                continue
+            try:
+                records.append(VersionRecord.of(version))
+            except RegistryError as exc:  # one tampered version must not hide the others
+                log.warning("skipping %s", exc)
+        return sorted(records, key=lambda v: int(v.version))
 
     def model_names(self) -> list[str]:
         return sorted(m.name for m in self.client.search_registered_models())
@@ -155,13 +193,20 @@ class Registry:
         return {a: str(v) for a, v in self.client.get_registered_model(name).aliases.items()}
 
     def get(self, name: str, ref: str | int) -> VersionRecord:
-        """A version by number (`3`) or by alias (`production`)."""
+        """A complete version by number (`3`) or by alias (`production`)."""
         try:
             if str(ref).isdigit():
-                return VersionRecord.of(self.client.get_model_version(name, str(ref)))
-            return VersionRecord.of(self.client.get_model_version_by_alias(name, str(ref)))
+                version = self.client.get_model_version(name, str(ref))
+            else:
+                version = self.client.get_model_version_by_alias(name, str(ref))
         except MlflowException:
             raise RegistryError(f"no version '{ref}' of model '{name}'") from None
+        if not _is_complete(version):
+            raise RegistryError(
+                f"version {version.version} of model '{name}' is incomplete: its registration "
+                "did not finish (it is never served or promoted; register the adapter again)"
+            )
+        return VersionRecord.of(version)
 
     def download(self, name: str, ref: str | int, dst: Path) -> Path:
         """Download a version's adapter directory into `dst` and return its path."""
@@ -177,37 +222,84 @@ class Registry:
         )
         return Path(local)
 
+    def read_text(self, record: VersionRecord, filename: str) -> str:
+        """A file registered beside a version's adapter (e.g. its job config)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{record.artifact_path}/{filename}"
+            return Path(self.client.download_artifacts(record.run_id, path, tmp)).read_text()
+
     # -- aliases ------------------------------------------------------------------------------
 
-    def _history(self, name: str) -> list[str]:
-        history = json.loads(
-            self.client.get_registered_model(name).tags.get(PRODUCTION_HISTORY_TAG, "[]")
-        )
-        return [str(v) for v in history]
+    def _production(self, name: str) -> list[str]:
+        """The production history, ending with the version the alias really points at (it may
+        have been moved outside fedforge, e.g. in MLflow's UI)."""
+        model = self.client.get_registered_model(name)
+        history = [str(v) for v in json.loads(model.tags.get(PRODUCTION_HISTORY_TAG, "[]"))]
+        current = model.aliases.get(PRODUCTION)
+        if current is not None and (not history or history[-1] != str(current)):
+            history.append(str(current))
+        return history
 
     def _move_production(self, name: str, history: list[str]) -> None:
-        previous = self._history(name)
         self.client.set_registered_model_tag(name, PRODUCTION_HISTORY_TAG, json.dumps(history))
-        try:
-            self.client.set_registered_model_alias(name, PRODUCTION, history[-1])
-        except BaseException:
-            self.client.set_registered_model_tag(name, PRODUCTION_HISTORY_TAG, json.dumps(previous))
-            raise
+        self.client.set_registered_model_alias(name, PRODUCTION, history[-1])
 
-    def promote(self, name: str, ref: str | int) -> ModelVersion:
-        """Point `production` at a version (number or alias, e.g. `candidate`)."""
-        version = self.get(name, ref)
-        history = self._history(name)
-        number = version.version
-        if history and history[-1] == number:
-            return version
-        self._move_production(name, [*history, number])
+    def promote(self, name: str, ref: str | int) -> VersionRecord:
+        """Point `production` at a complete version (number or alias, e.g. `candidate`)."""
+        with self._alias_lock(name):
+            version = self.get(name, ref)
+            history = self._production(name)
+            if not history or history[-1] != version.version:
+                self._move_production(name, [*history, version.version])
         return version
 
-    def rollback(self, name: str) -> ModelVersion:
-        """Move `production` back to the version it pointed at before the last promote."""
-        history = self._history(name)
-        if len(history) < 2:
-            raise RegistryError(f"'{name}' has no earlier production version to roll back to")
-        self._move_production(name, history[:-1])
-        return self.get(name, history[-2])
+    def rollback(self, name: str) -> tuple[VersionRecord, list[str]]:
+        """Move `production` back to the latest earlier version that still exists; returns it
+        and the versions skipped on the way (deleted since they served)."""
+        with self._alias_lock(name):
+            history = self._production(name)
+            skipped: list[str] = []
+            for i in range(len(history) - 2, -1, -1):
+                try:
+                    target = self.get(name, history[i])
+                except RegistryError:
+                    skipped.append(history[i])
+                    continue
+                self._move_production(name, history[: i + 1])
+                return target, skipped
+        gone = f" (v{', v'.join(skipped)} no longer exist)" if skipped else ""
+        raise RegistryError(f"'{name}' has no earlier production version to roll back to{gone}")
+
+    @contextmanager
+    def _alias_lock(self, name: str) -> Iterator[None]:
+        """Serialise alias moves of this store's `name` between processes on this host (the
+        default SQLite store); an MLflow server has no lock to take, and the last move wins."""
+        db = self.tracking_uri.removeprefix("sqlite:///")
+        if db == self.tracking_uri:
+            yield
+            return
+        with open(f"{db}.aliases.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _already_exists(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS)
+
+
+def _is_complete(version: ModelVersion) -> bool:
+    """Registered to the end (versions from before the marker existed count as complete)."""
+    return version.tags.get(REGISTRATION_TAG, COMPLETE) == COMPLETE
+
+
+def check_model_name(name: str) -> None:
+    """A registered model name that is a usable model id (`name` and `name:version` on the
+    endpoint) and a safe path segment in caches."""
+    if not MODEL_NAME.fullmatch(name):
+        raise RegistryError(
+            f"model name '{name}' is not allowed: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (':' separates versions, '/' paths)"
+        )

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cluster.config import RegistrySettings
+from cluster.lineage import CONFIG_FILE
 from cluster.options import ModelNameArg, StateOpt, TrackingOpt, VersionRefArg
 from cluster.registry import PRODUCTION, Registry, VersionRecord
 from cluster.state import StateDir
@@ -65,10 +66,16 @@ def show(
     ref: VersionRefArg,
     tracking_uri: TrackingOpt = None,
     state_dir: StateOpt = None,
+    config: Annotated[
+        bool, typer.Option("--config", help="Print the job config it was trained with.")
+    ] = False,
 ) -> None:
     """Every lineage field of one version (as its MLflow tags)."""
     registry = open_registry(tracking_uri, state_dir)
     record = registry.get(name, ref)
+    if config:
+        typer.echo(registry.read_text(record, CONFIG_FILE), nl=False)
+        return
     aliases = [a for a, v in registry.aliases(name).items() if v == record.version]
     typer.echo(f"{name} v{record.version}  aliases: {', '.join(aliases) or '-'}")
     typer.echo(f"source: {record.source}\nrun: {record.run_id}")
@@ -96,5 +103,6 @@ def rollback(
     name: ModelNameArg, tracking_uri: TrackingOpt = None, state_dir: StateOpt = None
 ) -> None:
     """Move `production` back to the version it pointed at before the last promote."""
-    record = open_registry(tracking_uri, state_dir).rollback(name)
-    typer.echo(f"{name}: {PRODUCTION} -> v{record.version} (rolled back)")
+    record, skipped = open_registry(tracking_uri, state_dir).rollback(name)
+    gone = f"; skipped v{', v'.join(skipped)}: deleted" if skipped else ""
+    typer.echo(f"{name}: {PRODUCTION} -> v{record.version} (rolled back{gone})")

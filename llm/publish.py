@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.lineage import Lineage
+from cluster.config import dump_config
+from cluster.lineage import CONFIG_FILE, Lineage
 from cluster.privacy_record import PrivacyBudget
 from cluster.registry import Registry, VersionRecord
 from llm.data import dataset_sha256
@@ -59,5 +60,7 @@ def publish_adapter(
         validation_examples=tuned.examples,
         privacy=privacy,
     )
-    version = registry.register_adapter(cfg.registry.model_name, adapter_dir, run_id, lineage)
+    version = registry.register_adapter(
+        cfg.registry.model_name, adapter_dir, run_id, lineage, files={CONFIG_FILE: dump_config(cfg)}
+    )
     return Published(version, base, tuned)

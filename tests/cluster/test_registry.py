@@ -67,7 +67,7 @@ def test_promote_and_rollback_keep_every_version(registry, adapter_dir):
     registry.promote("m", v1.version)
     registry.promote("m", CANDIDATE)  # alias resolves to the newest candidate, v3
     assert registry.aliases("m")[PRODUCTION] == v3.version
-    assert registry.rollback("m").version == v1.version
+    assert registry.rollback("m") == (v1, [])
     assert registry.aliases("m")[PRODUCTION] == v1.version
     assert [v.version for v in registry.versions("m")] == [v1.version, v2.version, v3.version]
     with pytest.raises(RegistryError, match="no earlier production version"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.lineage import CONFIG_FILE
 from cluster.registry import CANDIDATE, Registry
 from llm.data import dataset_sha256
 
@@ -71,7 +72,8 @@ def test_two_worker_run_lowers_the_loss_and_registers_lineage(tmp_path, state):
     assert lineage.dataset_sha256 == dataset_sha256(REPO / "llm/demo_task/tickets.jsonl")
     assert lineage.base_model == "tiny" and lineage.kind == "finetune"
     assert lineage.lora_rank == yaml.safe_load(config.read_text())["lora"]["r"]
-    assert yaml.safe_load(lineage.config)["train"]["max_steps"] == 12
+    config_text = registry.read_text(version, CONFIG_FILE)  # registered beside the adapter
+    assert yaml.safe_load(config_text)["train"]["max_steps"] == 12
     assert "torch" in lineage.packages
     assert lineage.metrics["eval_loss"] > 0 and "loss" in lineage.metrics
     run = registry.client.get_run(version.run_id)
