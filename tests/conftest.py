@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,23 @@ def provisioned() -> StateDir:
     return state
 
 
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created once: creating one runs ~40 schema migrations."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def empty_state(tmp_path: Path) -> StateDir:
-    """A fresh state dir and nothing in it."""
-    return StateDir.resolve(tmp_path / "state")
+def empty_state(tmp_path: Path, migrated_mlflow_db: Path) -> StateDir:
+    """A fresh state dir: no models, an empty registry store."""
+    state = StateDir.resolve(tmp_path / "state")
+    state.mlflow_db.parent.mkdir(parents=True)
+    shutil.copy(migrated_mlflow_db, state.mlflow_db)
+    return state
 
 
 @pytest.fixture

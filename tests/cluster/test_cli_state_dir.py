@@ -81,6 +81,7 @@ def test_the_flag_beats_the_env_var_and_the_default_is_local(launched, monkeypat
     ]
 
 
+@pytest.mark.integration  # runs the real job module in a child process (imports torch and Ray)
 def test_a_real_job_reports_the_env_state_dir_it_looked_in(tmp_path):
     """No mock: `fedforge finetune` runs the job module, which looks for the model where the
     env var says and names that place in a one-line error."""

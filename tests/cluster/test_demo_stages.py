@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,11 @@ def test_every_shipped_profile_loads_as_typed_configs(monkeypatch):
         assert configs.finetune.registry.model_name == configs.federated.registry.model_name
 
 
-def test_gate_reads_and_promotes_in_the_configured_store(empty_state, tmp_path, monkeypatch):
+def test_gate_reads_and_promotes_in_the_configured_store(
+    empty_state, migrated_mlflow_db, tmp_path, monkeypatch
+):
     monkeypatch.chdir(REPO)
+    shutil.copy(migrated_mlflow_db, tmp_path / "second.db")
     second = f"sqlite:///{tmp_path / 'second.db'}"
     profile = profile_with(tmp_path, second, second)
     demo = Demo(profile, empty_state, tmp_path / "report")

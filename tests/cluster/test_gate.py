@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from cluster.errors import UserError
@@ -40,10 +42,11 @@ def test_a_version_without_the_metric_cannot_be_judged():
         decide([record("2", None)], None)
 
 
-def test_run_gate_promotes_in_the_registry_it_is_given(empty_state, tmp_path):
+def test_run_gate_promotes_in_the_registry_it_is_given(migrated_mlflow_db, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
+    shutil.copy(migrated_mlflow_db, tmp_path / "other.db")
     registry = Registry(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "artifacts")
     with registry.run("gate", "gate", {}) as run_id:
         versions = [
