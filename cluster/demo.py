@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel
 
 from cluster.config import FinetuneConfig, dump_config, load_config
+from cluster.credentials import hash_api_key
 from cluster.demo_report import DemoResult, summary_table, write_report
 from cluster.errors import UserError
 from cluster.federated_config import FederatedConfig
@@ -189,7 +190,9 @@ class Demo:
 
     def serve_and_ask(self) -> None:
         cfg = self.configs.serve
-        env = {cfg.auth.api_keys_env: self.api_key}
+        # Only the key's hash enters the job's runtime env (`ray job list` and the dashboard
+        # show it); the demo keeps the key itself to call the endpoint.
+        env = {cfg.auth.api_keys_env: hash_api_key(self.api_key)}
         args = ["--config", self._config_file("serve", cfg)]
         self.serving_job = self._stage(STAGES, SERVE, "serve.deploy", args, env, wait=False)
         self.result.endpoint = f"http://{self.host}:{cfg.http_port}/v1"

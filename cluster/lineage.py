@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.config import config_hash
+from cluster.credentials import redact_uri
 from cluster.privacy_record import PrivacyBudget
 
 TAG_PREFIX = "fedforge."
@@ -61,6 +62,16 @@ def git_revision() -> str:
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def recorded_config(config: BaseModel) -> BaseModel:
+    """The config as it may be recorded (MLflow params, the registered config file, its hash):
+    a tracking URI's credentials removed."""
+    registry = getattr(config, "registry", None)
+    if registry is None or not registry.tracking_uri:
+        return config
+    redacted = registry.model_copy(update={"tracking_uri": redact_uri(registry.tracking_uri)})
+    return config.model_copy(update={"registry": redacted})
 
 
 def package_versions() -> dict[str, str]:
@@ -112,7 +123,7 @@ class Lineage(BaseModel):
             run_name=config.name,
             lora_rank=config.lora.r,
             dataset_sha256=dataset_sha256,
-            config_sha256=config_hash(config),
+            config_sha256=config_hash(recorded_config(config)),
             metrics=metrics,
             validation_examples=validation_examples,
             privacy=privacy,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import dump_config
-from cluster.lineage import CONFIG_FILE, Lineage
+from cluster.lineage import CONFIG_FILE, Lineage, recorded_config
 from cluster.privacy_record import PrivacyBudget
 from cluster.registry import Registry, VersionRecord
 from llm.data import dataset_sha256
@@ -29,7 +29,8 @@ class Published:
 @contextmanager
 def tracked_run(registry: Registry, cfg) -> Iterator[str]:
     """The job's MLflow run, its validated config logged as `config.<key>` parameters."""
-    params = {"config." + k: v for k, v in flatten(cfg.model_dump(mode="json")).items()}
+    recorded = recorded_config(cfg).model_dump(mode="json")
+    params = {"config." + k: v for k, v in flatten(recorded).items()}
     with registry.run(cfg.registry.experiment, cfg.name, params) as run_id:
         yield run_id
 
@@ -61,6 +62,10 @@ def publish_adapter(
         privacy=privacy,
     )
     version = registry.register_adapter(
-        cfg.registry.model_name, adapter_dir, run_id, lineage, files={CONFIG_FILE: dump_config(cfg)}
+        cfg.registry.model_name,
+        adapter_dir,
+        run_id,
+        lineage,
+        files={CONFIG_FILE: dump_config(recorded_config(cfg))},
     )
     return Published(version, base, tuned)
