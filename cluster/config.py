@@ -118,18 +118,24 @@ class RegistrySettings(Section):
     )
 
 
-class FinetuneConfig(Section):
+class TrainingJobConfig(Section):
+    """The sections every job that produces an adapter shares (fine-tuning, federated rounds)."""
+
     name: str = Field(
-        description="Run name. Submitting again with the same name resumes from its checkpoint.",
+        description="Run name: names its checkpoints or rounds under the state dir. Submitting "
+        "again with the same name resumes the run.",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
     )
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+
+
+class FinetuneConfig(TrainingJobConfig):
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
     @model_validator(mode="after")
     def _warmup_fits_in_run(self) -> FinetuneConfig:

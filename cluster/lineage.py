@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.config import config_hash
+from cluster.config import TrainingJobConfig, config_hash
 from cluster.credentials import redact_uri
 from cluster.privacy_record import PrivacyBudget
 
@@ -110,7 +110,7 @@ class Lineage(BaseModel):
         cls,
         *,
         kind: str,
-        config: Any,
+        config: TrainingJobConfig,
         dataset_sha256: str,
         metrics: dict[str, float],
         validation_examples: int,

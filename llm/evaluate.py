@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 
+from cluster.config import TrainingJobConfig
 from llm.data import Example, collate, encode_example, load_split, render_prompt
 from llm.lora import load_adapter
 from llm.losses import answer_token_losses
@@ -120,11 +120,10 @@ def evaluate(
     )
 
 
-def evaluate_heldout(cfg: BaseModel, model_path: str, adapter_dir: Path | None) -> EvalResult:
-    """Held-out metrics of the base model (adapter_dir None) or of base + adapter.
-
-    `cfg` is any job config with `model`, `data` and `eval` sections (fine-tuning, federated).
-    """
+def evaluate_heldout(
+    cfg: TrainingJobConfig, model_path: str, adapter_dir: Path | None
+) -> EvalResult:
+    """Held-out metrics of the base model (adapter_dir None) or of base + adapter."""
     split = load_split(cfg.data)
     model = load_model(model_path, cfg.model.dtype)
     if adapter_dir is not None:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import dump_config
+from cluster.config import TrainingJobConfig, dump_config
 from cluster.lineage import CONFIG_FILE, Lineage, recorded_config
 from cluster.privacy_record import PrivacyBudget
 from cluster.registry import Registry, VersionRecord
@@ -27,7 +27,7 @@ class Published:
 
 
 @contextmanager
-def tracked_run(registry: Registry, cfg) -> Iterator[str]:
+def tracked_run(registry: Registry, cfg: TrainingJobConfig) -> Iterator[str]:
     """The job's MLflow run, its validated config logged as `config.<key>` parameters."""
     recorded = recorded_config(cfg).model_dump(mode="json")
     params = {"config." + k: v for k, v in flatten(recorded).items()}
@@ -38,7 +38,7 @@ def tracked_run(registry: Registry, cfg) -> Iterator[str]:
 def publish_adapter(
     registry: Registry,
     run_id: str,
-    cfg,
+    cfg: TrainingJobConfig,
     model_path: str,
     adapter_dir: Path,
     *,
@@ -47,7 +47,7 @@ def publish_adapter(
     privacy: PrivacyBudget | None = None,
 ) -> Published:
     """Evaluate base and adapter on the held-out split, log the metrics to the run, and register
-    the adapter (alias `candidate`) with its lineage. `cfg` is the job's validated config."""
+    the adapter (alias `candidate`) with its lineage."""
     print("[fedforge] evaluating base model and adapter on held-out examples", flush=True)
     base = evaluate_heldout(cfg, model_path, None)
     tuned = evaluate_heldout(cfg, model_path, adapter_dir)
