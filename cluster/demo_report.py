@@ -93,16 +93,21 @@ def _plot_training(registry: Registry, run_id: str, path: Path) -> None:
 
 
 def _plot_federated(registry: Registry, run_id: str, path: Path) -> None:
-    rounds, loss = _history(registry, run_id, "train_loss")
+    """Privacy spent by round (and the clients' training loss where it was reported: under DP
+    clients keep it to themselves, since DP does not cover it)."""
     eps_rounds, eps = _history(registry, run_id, "epsilon")
+    loss_rounds, loss = _history(registry, run_id, "train_loss")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(rounds, loss, marker="o", color="tab:blue")
-    ax.set(xlabel="round", ylabel="clients' training loss", title="Federated rounds (DP-SGD)")
-    ax.set_xticks(rounds)
+    ax.set(xlabel="round", title="Federated rounds")
     if eps:
-        right = ax.twinx()
-        right.plot(eps_rounds, eps, marker="s", color="tab:red")
-        right.set_ylabel("epsilon (worst client)", color="tab:red")
+        ax.plot(eps_rounds, eps, marker="s", color="tab:red")
+        ax.set_ylabel("epsilon (worst client)", color="tab:red")
+        ax.set_xticks(eps_rounds)
+    if loss:
+        right = ax.twinx() if eps else ax
+        right.plot(loss_rounds, loss, marker="o", color="tab:blue")
+        right.set_ylabel("clients' training loss", color="tab:blue")
+        ax.set_xticks(loss_rounds)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

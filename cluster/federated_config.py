@@ -56,7 +56,13 @@ class FlowerSettings(Section):
         description="Name or IP outside SuperNodes use to reach the SuperLink (and the name in "
         "its TLS certificate). Default: the IP of the Ray node the SuperLink runs on.",
     )
-    fleet_port: int = Field(9092, ge=1, le=65535, description="Fleet API: SuperNodes connect here.")
+    fleet_port: int = Field(
+        9092,
+        ge=1,
+        le=65535,
+        description="Fleet API: SuperNodes connect here. It listens on loopback only unless "
+        "tls and supernode_auth are both on.",
+    )
     control_port: int = Field(9093, ge=1, le=65535, description="Control API (loopback only).")
     serverappio_port: int = Field(9091, ge=1, le=65535, description="ServerAppIo (loopback only).")
     tls: bool = Field(
@@ -75,7 +81,28 @@ class FlowerSettings(Section):
         description="Public key files (OpenSSH EC) of outside SuperNodes allowed to join.",
     )
     external_clients: int = Field(
-        0, ge=0, description="Outside SuperNodes expected besides the in-cluster ones."
+        0,
+        ge=0,
+        description="Outside SuperNodes expected besides the in-cluster ones (needs tls and "
+        "supernode_auth).",
+    )
+    external_min_examples: int = Field(
+        32,
+        ge=1,
+        description="Fewest examples an outside client may train on: local DP's noise is "
+        "calibrated for its sampling rate, and a client with less data refuses to train.",
+    )
+    external_max_examples: int = Field(
+        10_000,
+        ge=1,
+        description="Most examples an outside client may claim: its FedAvg weight is its "
+        "count, so a reply claiming more is rejected.",
+    )
+    join_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long a round waits for federation.min_available_nodes SuperNodes to "
+        "be connected; then the run ends with an error naming who is missing.",
     )
     cpus_per_supernode: float = Field(
         0.5, gt=0, description="Ray CPUs reserved by each in-cluster SuperNode."
@@ -88,10 +115,31 @@ class FlowerSettings(Section):
     )
     gpus_per_supernode: float = Field(0, ge=0, description="Ray GPUs per in-cluster SuperNode.")
 
+    @property
+    def secure(self) -> bool:
+        """TLS and node authentication both on: only then is the Fleet API reachable from
+        other machines."""
+        return self.tls and self.supernode_auth
+
     @model_validator(mode="after")
     def _auth_needs_tls(self) -> FlowerSettings:
         if self.supernode_auth and not self.tls:
             raise ValueError("flower.supernode_auth needs flower.tls: true (Flower's rule)")
+        return self
+
+    @model_validator(mode="after")
+    def _open_only_when_secure(self) -> FlowerSettings:
+        wants_outside = {"flower.external_clients > 0": self.external_clients > 0}
+        wants_outside["flower.host"] = self.host is not None
+        asked = [key for key, on in wants_outside.items() if on]
+        if asked and not self.secure:
+            raise ValueError(
+                f"{' and '.join(asked)} open(s) the Fleet API to other machines: that needs "
+                "flower.tls: true and flower.supernode_auth: true (an outside SuperNode must "
+                "present a registered key over TLS)"
+            )
+        if self.external_min_examples > self.external_max_examples:
+            raise ValueError("flower.external_min_examples exceeds flower.external_max_examples")
         return self
 
 

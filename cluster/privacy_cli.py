@@ -37,7 +37,11 @@ def render_report(ref: str, record: PrivacyRecord) -> str:
         f"{record.max_grad_norm:g}, sample rate {record.sample_rate:.4g}, "
         f"{record.steps} steps per client"
     )
-    clients = sorted({c for r in record.by_round for c in r.clients}, key=int)
+    # In-cluster clients by partition number, then outside ones (`outside-<node id>`).
+    clients = sorted(
+        {c for r in record.by_round for c in r.clients},
+        key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else c),
+    )
     header = f"{'round':>5}  {'epsilon (worst)':>15}" + "".join(
         f"  {'client ' + c:>10}" for c in clients
     )

@@ -22,14 +22,31 @@ class PrivacyBudget(BaseModel):
     mode: Literal["none", "local_dp", "central_dp"]
     epsilon: float | None = Field(
         None,
-        description="Worst (largest) over clients and rounds: each client's is at least as good.",
+        description="Largest over every client that ever trained in the run, composed over "
+        "every accounted release (re-run rounds and rejected replies included): each client's "
+        "guarantee is at least as good.",
     )
     delta: float | None = None
-    noise_multiplier: float | None = None
+    noise_multiplier: float | None = Field(
+        None, description="The smallest used (a resumed run may have changed it)."
+    )
     max_grad_norm: float | None = None
     sample_rate: float | None = Field(None, description="Worst (largest) per-client rate.")
-    steps: int | None = Field(None, description="Accounted steps per client over all rounds.")
+    steps: int | None = Field(None, description="Most accounted steps of any one client.")
     accountant: str | None = None
+
+
+class ClientCharge(BaseModel):
+    """One accounted release for one client: Opacus' (noise_multiplier, sample_rate, steps)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempt: int = Field(description="The run's round attempt (a re-run round is a new one).")
+    round: int
+    noise: float
+    rate: float
+    steps: int
+    assumed: bool = Field(False, description="Charged as the worst case, not seen trained.")
 
 
 class RoundPrivacy(BaseModel):
@@ -38,7 +55,8 @@ class RoundPrivacy(BaseModel):
     round: int
     epsilon: float | None = None
     clients: dict[str, float | None] = Field(
-        default_factory=dict, description="Client (partition id) -> epsilon after this round."
+        default_factory=dict,
+        description="Client (partition id, or outside-<node id>) -> epsilon after this round.",
     )
 
     @property
@@ -50,10 +68,20 @@ class RoundPrivacy(BaseModel):
 
 class PrivacyRecord(PrivacyBudget):
     by_round: list[RoundPrivacy] = Field(default_factory=list)
+    clients: dict[str, float] = Field(
+        default_factory=dict, description="Client -> its final epsilon (the ledger's)."
+    )
+    histories: dict[str, list[ClientCharge]] = Field(
+        default_factory=dict,
+        description="Client -> every release charged to it: recompute any epsilon with "
+        "Opacus' accountant from these alone.",
+    )
 
     @property
     def budget(self) -> PrivacyBudget:
-        return PrivacyBudget.model_validate(self.model_dump(exclude={"by_round"}))
+        return PrivacyBudget.model_validate(
+            self.model_dump(exclude={"by_round", "clients", "histories"})
+        )
 
     def write(self, adapter_dir: Path) -> Path:
         path = adapter_dir / PRIVACY_FILE

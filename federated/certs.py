@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -26,9 +27,12 @@ VALID_DAYS = 365
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Created with mode 0600 from the first byte (never readable by others, not even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o600)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -46,8 +50,23 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def make_tls(out: Path, hosts: list[str]) -> dict[str, Path]:
-    """A fresh CA and a server certificate for `hosts`; returns the file paths by role."""
+def server_names(cert_path: Path) -> set[str]:
+    """The host names and IPs a server certificate is valid for (empty if unreadable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return set()
+    return {str(n) for n in san.get_values_for_type(x509.DNSName)} | {
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    }
+
+
+def make_tls(out: Path, hosts: list[str], keep_ca_key: bool = True) -> dict[str, Path]:
+    """A fresh CA and a server certificate for `hosts`; returns the file paths by role.
+
+    `keep_ca_key=False` signs and forgets the CA's key (certificates made per run: nothing
+    else will ever be signed with it, so it is never written to disk)."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedforge federation CA")])
@@ -77,15 +96,18 @@ def make_tls(out: Path, hosts: list[str]) -> dict[str, Path]:
     )
     paths = {
         "ca_cert": out / "ca.crt",
-        "ca_key": out / "ca.key",
         "server_cert": out / "server.pem",
         "server_key": out / "server.key",
     }
     out.mkdir(parents=True, exist_ok=True)
     paths["ca_cert"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths["server_cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(paths["ca_key"], _pem(ca_key))
     _write_private(paths["server_key"], _pem(server_key))
+    if keep_ca_key:
+        paths["ca_key"] = out / "ca.key"
+        _write_private(paths["ca_key"], _pem(ca_key))
+    else:
+        (out / "ca.key").unlink(missing_ok=True)  # one left by an older run
     return paths
 
 

@@ -3,10 +3,13 @@
     with Federation(RunSpec(cfg, plan, state), files) as federation:
         federation.run(on_round=print)
 
-The SuperLink's Fleet API listens on every interface (in-cluster and outside SuperNodes connect
-to it); its Control and ServerAppIo APIs listen on loopback only, so runs are submitted from its
-own node. Leaving the block stops every process, whether the run finished, failed or the job was
-stopped.
+Secure by default: the SuperLink's Fleet API listens on every interface only when TLS and
+SuperNode authentication are both on (then in-cluster and outside SuperNodes connect to it);
+otherwise on loopback, with every in-cluster SuperNode placed on the SuperLink's node. Its
+Control and ServerAppIo APIs always listen on loopback, so runs are submitted from its own node.
+Certificates made per run are remade when their host names no longer match, and the CA's key
+is never written. Leaving the block stops every process, whether the run finished, failed or
+the job was stopped.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from pathlib import Path
 
 import ray
 import tomli_w
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.errors import UserError
-from federated.certs import make_node_key, make_tls
+from cluster.federated_config import FlowerSettings
+from federated.certs import make_node_key, make_tls, server_names
 from federated.flower_processes import FlowerHost, WarmTrainer
 from federated.run_config import RAY_NAMESPACE, NodeConfig, RunSpec
 from federated.run_files import RunFiles
@@ -36,6 +41,11 @@ START_TIMEOUT_S = 60
 
 class FederationError(UserError):
     """The federation could not start or its run failed. The message says where to look."""
+
+
+def fleet_bind_host(flower: FlowerSettings) -> str:
+    """Where the Fleet API listens: every interface only with TLS and node authentication."""
+    return "0.0.0.0" if flower.secure else "127.0.0.1"
 
 
 class Federation:
@@ -66,13 +76,15 @@ class Federation:
     def _start_superlink(self) -> None:
         flower = self.cfg.flower
         self.link = FlowerHost.remote()
-        self.link_ip = ray.get(self.link.node_ip.remote())
+        self.link_ip, self.link_node = ray.get(self.link.node.remote())
+        if not flower.secure:  # nobody outside this machine may reach an open Fleet API
+            self.link_ip = "127.0.0.1"
         self.address = f"{flower.host or self.link_ip}:{flower.fleet_port}"
         argv = [
             "flower-superlink",
             "--disable-runtime-dependency-installation",  # never `uv sync` an app's deps at run
             "--fleet-api-address",
-            f"0.0.0.0:{flower.fleet_port}",
+            f"{fleet_bind_host(flower)}:{flower.fleet_port}",
             "--control-api-address",
             f"127.0.0.1:{flower.control_port}",
             "--serverappio-api-address",
@@ -97,11 +109,11 @@ class Federation:
         if not flower.tls:
             return ["--insecure"]
         certs = Path(flower.certs_dir) if flower.certs_dir else self.files.root / "certs"
-        if not flower.certs_dir and not (certs / "server.pem").exists():
-            # Outside nodes dial `host`, in-cluster nodes the SuperLink node's IP: cover both.
-            names = [flower.host or self.link_ip, self.link_ip, "127.0.0.1", "localhost"]
-            hosts = list(dict.fromkeys(names))
-            make_tls(certs, hosts)
+        # Outside nodes dial `host`, in-cluster nodes the SuperLink node's IP: cover both.
+        names = [flower.host or self.link_ip, self.link_ip, "127.0.0.1", "localhost"]
+        hosts = list(dict.fromkeys(names))
+        if not flower.certs_dir and not set(hosts) <= server_names(certs / "server.pem"):
+            make_tls(certs, hosts, keep_ca_key=False)  # new, or made for other names
         for name in ("ca.crt", "server.pem", "server.key"):
             if not (certs / name).is_file():
                 raise FederationError(f"flower.certs_dir {certs} has no {name}")
@@ -161,6 +173,10 @@ class Federation:
                 self.trainers.append(trainer.remote(threads))
                 node_config = replace(node_config, warm_trainer=name, ray_address=gcs_address)
                 resources = {"num_cpus": 0}
+            if not self.cfg.flower.secure:  # the Fleet API is on the SuperLink node's loopback
+                resources["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                    self.link_node, soft=False
+                )
             node = FlowerHost.options(**resources).remote()
             argv = [
                 "flower-supernode",
@@ -195,6 +211,7 @@ class Federation:
         """Submit the Flower run and follow it to the end, calling `on_round` per saved round."""
         run_config = self.files.root / "run-config.toml"
         run_config.write_text(tomli_w.dumps(self.spec.to_flower()))
+        self.files.clear_error()
         argv = ["flwr", "run", str(APP_DIR), FEDERATION, "--stream", "--run-config"]
         argv.append(str(run_config))
         run_log = self.logs / "flwr-run.log"
@@ -216,10 +233,24 @@ class Federation:
             time.sleep(poll_seconds)
         done = self.files.latest_round() or 0
         if done < self.cfg.federation.rounds:
+            why = self.files.read_error()
             raise FederationError(
-                f"the Flower run ended after round {done} of {self.cfg.federation.rounds}; "
-                f"see {run_log} (the saved rounds are kept: submitting again resumes)"
+                (f"{why}\n" if why else "")
+                + f"the Flower run ended after round {done} of {self.cfg.federation.rounds}; "
+                f"see {run_log}{self._stopped_nodes()} (the saved rounds are kept: submitting "
+                "again resumes)"
             )
+
+    def _stopped_nodes(self) -> str:
+        stopped = []
+        for partition, node in enumerate(self.nodes):
+            try:
+                code = ray.get(node.returncode.remote("supernode"))
+            except ray.exceptions.RayActorError:
+                code = "actor lost"
+            if code is not None:
+                stopped.append(f"{partition} ({self.logs / f'supernode-{partition}.log'})")
+        return f"; in-cluster SuperNodes that stopped: {', '.join(stopped)}" if stopped else ""
 
     def _note_dropped_nodes(self, dropped: set[int]) -> None:
         for partition, node in enumerate(self.nodes):

@@ -42,8 +42,9 @@ class FlowerHost:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
+    def node(self) -> tuple[str, str]:
+        """This node's IP and Ray node id."""
+        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
     def free_port(self) -> int:
         with socket.socket() as s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
+from cluster.errors import UserError
 from cluster.federated_config import FederatedConfig
 from federated.adapter_state import adapter_to_arrays, arrays_to_adapter
-from federated.node_task import ClientState, History, NodeResult, NodeTask
+from federated.ledger import Attempt, Charge, History, client_charges, history_of, sample_rate
+from federated.node_task import ClientState, NodeResult, NodeTask
 from federated.partition import client_examples
-from federated.plan import FederatedPlan
 from federated.privacy import dp_train_step, epsilon_of, make_private
 from federated.protocol import OUTSIDE_CLIENT, TrainMetrics, TrainReply
 from federated.run_config import NodeConfig, RunSpec
@@ -35,8 +37,9 @@ from llm.training import rank_batch, train_step
 class LocalResult:
     arrays: ArrayRecord
     train_loss: float
-    client: ClientState  # steps and the accountant's history after this round
+    client: ClientState  # steps after this round (the ledger is train_for_node's)
     seconds: float  # model load + local steps: the client's compute for the round
+    history: History = ()  # the accountant's history after this round (DP only)
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,8 +72,10 @@ def train_round(
     arrays: ArrayRecord,
     client: ClientState,
     noise_multiplier: float | None = None,
+    history: History = (),
 ) -> LocalResult:
-    """Local steps from the global `arrays`: DP-SGD when a noise multiplier is given."""
+    """Local steps from the global `arrays`: DP-SGD when a noise multiplier is given, its
+    accountant resumed from `history` (the result's `history` adds this round's steps)."""
     started = time.perf_counter()
     fed, dp = cfg.federation, cfg.privacy
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +90,7 @@ def train_round(
         [p for p in model.parameters() if p.requires_grad], lr=fed.learning_rate
     )
     losses: list[float] = []
-    history = client.history or []
+    history = list(history)
     if noise_multiplier is not None:
         model, optimizer, loader, engine = make_private(
             model,
@@ -116,8 +121,9 @@ def train_round(
     return LocalResult(
         arrays=adapter_to_arrays(model),
         train_loss=sum(losses) / len(losses) if losses else float("nan"),
-        client=ClientState(client.steps + fed.local_steps, history),
+        client=ClientState(client.steps + fed.local_steps, client.ledger),
         seconds=time.perf_counter() - started,
+        history=tuple(history),
     )
 
 
@@ -128,46 +134,69 @@ def _local_data(run: RunSpec, node: NodeConfig) -> tuple[int, list[Example]]:
     return node.partition, client_examples(run.cfg.data, run.plan, node.partition)
 
 
-def worst_case_history(cfg: FederatedConfig, plan: FederatedPlan, rounds_before: int) -> History:
-    """The history of a client that trained in every one of `rounds_before` rounds.
+class TaskRefused(UserError):
+    """This client will not train on this task (its data or the asked noise breaks the plan)."""
 
-    A resumed run has fresh SuperNode state, so the rounds before the restart are charged this
-    way: epsilon can only be over-, never under-reported.
-    """
-    if rounds_before == 0 or cfg.privacy.mode != "local_dp":
-        return []
-    noise = plan.noise
-    return [(noise.noise_multiplier, noise.sample_rate, rounds_before * cfg.federation.local_steps)]
+
+def client_ledger(task: NodeTask, rate: float) -> tuple[list[Charge], Attempt]:
+    """This client's ledger including the task's attempt (earlier unknown ones assumed)."""
+    cfg, plan = task.run.cfg, task.run.plan
+    current = task.task.current
+    if plan.noise is None:
+        return list(task.client.ledger), current
+    if current.noise is None or current.noise < plan.noise.noise_multiplier:
+        raise TaskRefused(
+            f"the server asked for noise {current.noise}, below the planned "
+            f"{plan.noise.noise_multiplier:g}: refusing to train"
+        )
+    if cfg.privacy.mode == "central_dp":
+        return list(task.client.ledger), current  # the server's release; nothing to charge here
+    charges = client_charges(
+        list(task.client.ledger),
+        list(task.task.schedule),
+        current,
+        rate,
+        cfg.federation.local_steps,
+    )
+    return charges, current
 
 
 def train_for_node(task: NodeTask) -> NodeResult:
     """One SuperNode's round: its data, the global adapter in, its adapter and epsilon out."""
     cfg, plan = task.run.cfg, task.run.plan
     partition, examples = _local_data(task.run, task.node)
-    client = task.client
-    if client.history is None:  # no accountant state on this node: a fresh or resumed run
-        client = ClientState(client.steps, worst_case_history(cfg, plan, task.task.round_offset))
     local_dp = cfg.privacy.mode == "local_dp"
+    rate = sample_rate(len(examples), cfg.federation.batch_size)
+    if local_dp and partition == OUTSIDE_CLIENT and rate > plan.noise.sample_rate:
+        raise TaskRefused(
+            f"this client has {len(examples)} examples, fewer than the "
+            f"{cfg.flower.external_min_examples} the run's noise was calibrated for "
+            "(flower.external_min_examples): training would exceed the privacy target"
+        )
+    charges, current = client_ledger(task, rate)
     result = train_round(
         cfg,
         task.run.state.base_model(cfg.model.base),
         examples,
         data_seed=cfg.federation.seed + partition,
         arrays=task.task.arrays,
-        client=client,
-        noise_multiplier=plan.noise.noise_multiplier if local_dp else None,
+        client=task.client,
+        noise_multiplier=current.noise if local_dp else None,
+        history=history_of(charges[:-1]) if local_dp else (),
     )
     epsilon = (
-        epsilon_of(result.client.history, cfg.privacy.delta, cfg.privacy.accountant)
+        epsilon_of(history_of(charges), cfg.privacy.delta, cfg.privacy.accountant)
         if local_dp
         else None
     )
+    private = cfg.privacy.mode != "none"
     metrics = TrainMetrics(
         num_examples=len(examples),
-        train_loss=result.train_loss,
         steps=result.client.steps,
         partition=partition,
-        train_seconds=result.seconds,
+        train_loss=None if private or math.isnan(result.train_loss) else result.train_loss,
+        train_seconds=None if private else result.seconds,
         epsilon=epsilon,
     )
-    return NodeResult(TrainReply(result.arrays, metrics), result.client)
+    client = ClientState(result.client.steps, tuple(charges))
+    return NodeResult(TrainReply(result.arrays, metrics), client)

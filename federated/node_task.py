@@ -2,8 +2,8 @@
 
 In-cluster ClientApps pass a `NodeTask` to a long-lived Ray actor (`WarmTrainer`) and get a
 `NodeResult` back, so this module, like everything the ClientApp imports, stays free of torch.
-Per-client state that must outlive Flower's per-message process (cumulative steps, the privacy
-accountant's history) lives in `context.state` as a `ClientState`.
+Per-client state that must outlive Flower's per-message process (cumulative steps, the client's
+privacy ledger) lives in `context.state` as a `ClientState`, saved before the reply is sent.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from federated.ledger import Charge
 from federated.protocol import STEPS, TrainReply, TrainTask
 from federated.run_config import NodeConfig, RunSpec
 
-History = list[tuple[float, float, int]]  # Opacus' accountant: (noise_multiplier, rate, steps)
-
-STEPS_RECORD, HISTORY_RECORD = "fedforge-steps", "fedforge-dp-history"  # in context.state
-NOISE, RATE = "noise", "rate"  # columns of the history record, next to STEPS
+STEPS_RECORD, LEDGER_RECORD = "fedforge-steps", "fedforge-ledger"  # in context.state
+_COLUMNS = ("attempt", "round", "noise", "rate", "steps", "assumed")  # of the ledger record
 
 
 @dataclass(frozen=True)
@@ -26,24 +25,30 @@ class ClientState:
     """What a client keeps between rounds of one run (Flower's `context.state`)."""
 
     steps: int = 0  # local steps over every round this client trained in
-    history: History | None = None  # None: no accountant state yet (a fresh or resumed node)
+    ledger: tuple[Charge, ...] = ()  # every release charged to this client, in attempt order
 
     @classmethod
     def load(cls, state: RecordDict) -> ClientState:
         steps = int(state[STEPS_RECORD][STEPS]) if STEPS_RECORD in state else 0
-        if HISTORY_RECORD not in state:
+        if LEDGER_RECORD not in state:
             return cls(steps)
-        record = state[HISTORY_RECORD]
-        return cls(steps, list(zip(record[NOISE], record[RATE], record[STEPS], strict=True)))
+        record = state[LEDGER_RECORD]
+        rows = zip(*(record[c] for c in _COLUMNS), strict=True)
+        return cls(
+            steps, tuple(Charge(int(a), int(r), n, q, int(k), bool(x)) for a, r, n, q, k, x in rows)
+        )
 
     def save(self, state: RecordDict) -> None:
         state[STEPS_RECORD] = MetricRecord({STEPS: self.steps})
-        if self.history:
-            state[HISTORY_RECORD] = ConfigRecord(
+        if self.ledger:
+            state[LEDGER_RECORD] = ConfigRecord(
                 {
-                    NOISE: [float(h[0]) for h in self.history],
-                    RATE: [float(h[1]) for h in self.history],
-                    STEPS: [int(h[2]) for h in self.history],
+                    "attempt": [c.attempt for c in self.ledger],
+                    "round": [c.round for c in self.ledger],
+                    "noise": [float(c.noise) for c in self.ledger],
+                    "rate": [float(c.rate) for c in self.ledger],
+                    "steps": [c.steps for c in self.ledger],
+                    "assumed": [c.assumed for c in self.ledger],
                 }
             )
 

@@ -26,11 +26,23 @@ class NoisePlan(BaseModel):
         description="Accounted steps per client over all rounds: rounds x local_steps "
         "(local_dp) or rounds (central_dp)."
     )
+    steps_per_round: int = Field(
+        1, description="Accounted steps per client and round: local_steps, or 1 (central_dp)."
+    )
+    outside_rate: float | None = Field(
+        None,
+        description="local_dp with outside clients: the rate of one with the fewest examples "
+        "it may bring (flower.external_min_examples); the noise is calibrated for it too, and "
+        "a client with less data refuses to train.",
+    )
+    spent_rounds: int = Field(
+        0, description="Rounds a resumed run had already run (at the noise they ran with)."
+    )
 
     @property
     def sample_rate(self) -> float:
         """The worst (largest) rate: the noise is set so that this client meets the target."""
-        return max(self.sample_rates)
+        return max([*self.sample_rates, self.outside_rate or 0.0])
 
 
 class FederatedPlan(BaseModel):

@@ -1,25 +1,35 @@
 """Example-level DP-SGD with Opacus on the LoRA tensors, and its privacy accounting.
 
-Each client keeps its accountant's history in Flower's `context.state`, so epsilon accumulates
-over every round it trained in, not just the latest one.
+Every release is charged in the privacy ledger (federated.ledger): each client keeps its own
+(what it reports), the server keeps the run's (what is registered); epsilon is composed with
+Opacus' accountant over every attempt of every round, re-runs and rejected replies included.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from functools import partial
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from cluster.errors import UserError
 from cluster.federated_config import FederatedConfig
-from cluster.privacy_record import PrivacyRecord, RoundPrivacy
-from federated.node_task import History
-from federated.plan import NoisePlan
+from cluster.privacy_record import ClientCharge, PrivacyRecord, RoundPrivacy
+from federated.ledger import (  # noqa: F401 - sample_rate re-exported
+    Charge,
+    History,
+    ServerLedger,
+    history_of,
+    in_cluster_client,
+    sample_rate,
+)
+from federated.plan import FederatedPlan
 from federated.strategy import RoundReport
 from llm.data import collate
 from llm.losses import per_example_loss
@@ -27,15 +37,11 @@ from llm.losses import per_example_loss
 # Beyond this the noise drowns the clipped gradient (its norm is at most max_grad_norm per
 # example, the noise's is sigma * max_grad_norm per coordinate): training cannot learn.
 MAX_USEFUL_NOISE = 10.0
+ORDERS = RDPAccountant.DEFAULT_ALPHAS  # what Opacus' RDP accountant evaluates
 
 
 class PrivacyPlanError(UserError):
     """No noise meets the configured privacy target. The message is meant for users."""
-
-
-def sample_rate(n_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate Opacus' DPDataLoader derives from a DataLoader (1 / len(loader))."""
-    return 1 / math.ceil(n_examples / batch_size)
 
 
 def noise_for_target(
@@ -70,11 +76,71 @@ def noise_for_target(
     return noise
 
 
+def noise_for_target_after(
+    target_epsilon: float,
+    delta: float,
+    clients: list[tuple[History, float]],
+    steps: int,
+    accountant: str,
+    spent_rounds: int,
+    max_noise: float = MAX_USEFUL_NOISE,
+) -> float:
+    """The smallest noise multiplier for `steps` more steps that keeps every client, composed
+    with what it already spent (`clients`: (history, its rate)), within the target; else
+    PrivacyPlanError saying what was spent."""
+
+    def worst(noise: float) -> float:
+        return max(epsilon_of([*h, (noise, rate, steps)], delta, accountant) for h, rate in clients)
+
+    spent = max(epsilon_of(h, delta, accountant) for h, _ in clients)
+    where = (
+        f"privacy.target_epsilon {target_epsilon} at delta {delta}: the {spent_rounds} rounds "
+        f"already run (and any re-run attempts) spent epsilon {spent:.3f}"
+    )
+    if steps == 0:
+        if spent > target_epsilon:
+            raise PrivacyPlanError(f"{where}, over the target")
+        return max_noise
+    if worst(max_noise) > target_epsilon:
+        raise PrivacyPlanError(
+            f"{where}; no noise multiplier up to {max_noise} keeps the remaining {steps} steps "
+            "within the target: lower federation.rounds, or start a new run (a new name)"
+        )
+    low, high = 0.0, max_noise
+    for _ in range(30):  # the smallest noise that meets the target, to 1e-8
+        middle = (low + high) / 2
+        if middle > 0 and worst(middle) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def compact(history: History) -> History:
+    """Entries with the same noise and rate merged (steps added): composition is additive, so
+    the accountant's answer is the same, and computed once per distinct pair."""
+    steps: dict[tuple[float, float], int] = {}
+    for noise, rate, n in history:
+        steps[(noise, rate)] = steps.get((noise, rate), 0) + n
+    return [(noise, rate, n) for (noise, rate), n in steps.items() if n]
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(rate: float, noise: float) -> np.ndarray:
+    """One step's RDP at every order (Opacus' analysis; a step costs ~0.1 s at small rates)."""
+    return np.asarray(compute_rdp(q=rate, noise_multiplier=noise, steps=1, orders=ORDERS))
+
+
 def epsilon_of(history: History, delta: float, accountant: str) -> float:
+    """Epsilon of a history at `delta`: what Opacus' accountant of that kind reports for it."""
+    history = compact(history)
     if not history:
         return 0.0
+    if accountant == "rdp":  # RDPAccountant.get_epsilon, with each (rate, noise) computed once
+        rdp = sum(steps * _rdp_per_step(rate, noise) for noise, rate, steps in history)
+        return float(get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0])
     fresh = create_accountant(mechanism=accountant)
-    fresh.history = list(history)
+    fresh.history = history
     return float(fresh.get_epsilon(delta=delta))
 
 
@@ -148,33 +214,62 @@ def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -
     return float(loss.detach())
 
 
+def ledger_charges(
+    cfg: FederatedConfig, plan: FederatedPlan, ledger: ServerLedger
+) -> dict[str, list[Charge]]:
+    """Every client's charges in the run's ledger (see ServerLedger.charges)."""
+    rates = (
+        {in_cluster_client(i): r for i, r in enumerate(plan.noise.sample_rates)}
+        if plan.noise
+        else {}
+    )
+    return ledger.charges(rates, central=cfg.privacy.mode == "central_dp")
+
+
+def ledger_epsilons(
+    cfg: FederatedConfig, plan: FederatedPlan, ledger: ServerLedger
+) -> dict[str, float]:
+    """Every client's epsilon from the run's ledger, at the configured delta ({} without DP)."""
+    if plan.noise is None:
+        return {}
+    dp = cfg.privacy
+    return {
+        name: epsilon_of(history_of(charges), dp.delta, dp.accountant)
+        for name, charges in ledger_charges(cfg, plan, ledger).items()
+    }
+
+
 def privacy_record(
-    cfg: FederatedConfig, noise: NoisePlan | None, rounds: list[RoundReport]
+    cfg: FederatedConfig, plan: FederatedPlan, rounds: list[RoundReport], ledger: ServerLedger
 ) -> PrivacyRecord:
     """The run's privacy guarantee and how it grew: what the registry and `privacy report` show.
 
-    `epsilon` is the worst (largest) over clients and rounds: each client's guarantee is at
-    least this good. `steps` and `sample_rate` are the planned per-client totals.
+    `epsilon` is the largest over every client that ever trained in the run, from the server's
+    ledger (every attempt, re-runs and rejected replies included), or what a client reported
+    for itself when that is larger. `histories` lets anyone recompute it with Opacus.
     """
-    dp = cfg.privacy
+    dp, noise = cfg.privacy, plan.noise
     by_round = [
-        RoundPrivacy(
-            round=r.round,
-            epsilon=r.epsilon,
-            clients={str(c.partition): c.epsilon for c in r.per_client.values()},
-        )
-        for r in rounds
+        RoundPrivacy(round=r.round, epsilon=r.epsilon, clients=dict(r.epsilons)) for r in rounds
     ]
     if noise is None:
         return PrivacyRecord(mode="none", by_round=by_round)
+    charges = ledger_charges(cfg, plan, ledger)
+    final = {n: epsilon_of(history_of(c), dp.delta, dp.accountant) for n, c in charges.items()}
+    reported = [m.epsilon for r in rounds for m in r.per_client.values() if m.epsilon is not None]
+    worst_charge = [c for cs in charges.values() for c in cs]
     return PrivacyRecord(
         mode=dp.mode,
-        epsilon=max((r.worst for r in by_round if r.worst is not None), default=None),
+        epsilon=max([*final.values(), *reported], default=None),
         delta=dp.delta,
-        noise_multiplier=noise.noise_multiplier,
+        noise_multiplier=min((c.noise for c in worst_charge), default=noise.noise_multiplier),
         max_grad_norm=dp.max_grad_norm,
-        sample_rate=noise.sample_rate,
-        steps=noise.steps,
+        sample_rate=max((c.rate for c in worst_charge), default=noise.sample_rate),
+        steps=max((sum(c.steps for c in cs) for cs in charges.values()), default=0),
         accountant=dp.accountant,
         by_round=by_round,
+        clients=final,
+        histories={
+            n: [ClientCharge.model_validate(vars(c)) for c in cs] for n, cs in charges.items()
+        },
     )

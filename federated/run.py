@@ -24,6 +24,7 @@ from cluster.ray_cluster import connect
 from cluster.registry import Registry
 from cluster.state import StateDir
 from federated.federation import Federation
+from federated.ledger import ServerLedger
 from federated.plan import FederatedPlan
 from federated.planning import make_plan
 from federated.privacy import privacy_record
@@ -55,6 +56,8 @@ def _plan_line(plan: FederatedPlan) -> str:
             f"; noise multiplier {noise.noise_multiplier:.4g} over {noise.steps} accounted "
             f"steps, sampling rate up to {noise.sample_rate:.4g}"
         )
+        if noise.spent_rounds:
+            line += f" (for the rounds after the {noise.spent_rounds} already run)"
     return line
 
 
@@ -76,10 +79,13 @@ def run_federated(
     cfg: FederatedConfig, state: StateDir, address: str | None = None
 ) -> FederatedOutcome:
     model_path = state.base_model(cfg.model.base)
-    plan = make_plan(cfg)  # a missing dataset, an impossible split or DP target fails here
-    print(_plan_line(plan), flush=True)
     files = RunFiles(state, cfg.name)
     check_or_record(cfg, files.root, RESUMABLE_KEYS, RESUMABLE_SECTIONS)
+    ledger = ServerLedger(files.root)
+    # A missing dataset, an impossible split or DP target fails here; a resumed run is planned
+    # against what its ledger already charged.
+    plan = make_plan(cfg, ledger, files.latest_round() or 0)
+    print(_plan_line(plan), flush=True)
     connect(address)
     rounds = cfg.federation.rounds
     if (files.latest_round() or 0) < rounds:
@@ -92,9 +98,10 @@ def run_federated(
             with Federation(RunSpec(cfg, plan, state), files) as federation:
                 print(f"[fedforge] outside SuperNodes join at {federation.address}", flush=True)
                 federation.run(on_round)
+    files.check_complete(rounds)  # never publish a round whose line or adapter is missing
     adapter_dir = files.adapter_dir(rounds)
-    history = files.rounds()
-    privacy = privacy_record(cfg, plan.noise, history)
+    history = [r for r in files.rounds() if r.round <= rounds]
+    privacy = privacy_record(cfg, plan, history, ledger)
     privacy.write(adapter_dir)  # the guarantee travels with the adapter
     registry = Registry.from_settings(cfg.registry, state)
     with tracked_run(registry, cfg) as run_id:

@@ -2,14 +2,17 @@
 
 <state>/federated/<name>/round-000/   initial adapter (adapter_config.json + safetensors)
 <state>/federated/<name>/round-NNN/   global adapter after round NNN (written atomically)
-<state>/federated/<name>/rounds.jsonl one RoundReport per round: clients, loss, epsilon, seconds
+<state>/federated/<name>/rounds.jsonl one RoundReport per round: clients, epsilon, seconds
+<state>/federated/<name>/privacy-ledger.jsonl  every accounted release (federated.ledger)
 
-A round counts as saved once its adapter directory exists: it is renamed into place whole, and
-its log line is appended after it, so a crash between the two loses the line, not the round.
+A round's line is appended (and synced) before its adapter directory is renamed into place
+whole; a round counts as saved once both exist. A crash between the two leaves a line without
+a directory: the round is run again (and charged again), never reported with an older adapter.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 from pydantic import ValidationError
 
+from cluster.errors import UserError
 from cluster.state import StateDir
 from federated.adapter_state import arrays_to_adapter
 from federated.strategy import RoundReport
@@ -33,10 +37,45 @@ class RunFiles:
     def adapter_dir(self, server_round: int) -> Path:
         return self.root / f"round-{server_round:03d}"
 
+    def saved_dirs(self) -> set[int]:
+        return {int(m[1]) for p in self.root.iterdir() if (m := ROUND_DIR.match(p.name))}
+
     def latest_round(self) -> int | None:
-        """The last round whose adapter was saved (0: only the initial one), None if none."""
-        rounds = [int(m[1]) for p in self.root.iterdir() if (m := ROUND_DIR.match(p.name))]
-        return max(rounds, default=None)
+        """The last round saved whole, its line and its adapter, with every round before it
+        (0: only the initial adapter), None if none."""
+        dirs, logged = self.saved_dirs(), {r.round for r in self.rounds()}
+        if 0 not in dirs:
+            return None
+        done = 0
+        while done + 1 in dirs and done + 1 in logged:
+            done += 1
+        return done
+
+    def save_round(self, model: PeftModel, report: RoundReport, arrays: ArrayRecord) -> None:
+        """The round's line first, then its adapter (see the module docstring)."""
+        self.append_round(report)
+        self.save_adapter(model, arrays, report.round)
+
+    def check_complete(self, rounds: int) -> None:
+        """Refuse to publish a run whose log and saved rounds disagree (UserError)."""
+        dirs, logged = self.saved_dirs(), {r.round for r in self.rounds()}
+        wanted = set(range(1, rounds + 1))
+        if not wanted <= dirs or not wanted <= logged:
+            raise UserError(
+                f"{self.root}: rounds 1..{rounds} are not all saved and logged (adapters for "
+                f"{sorted(dirs - {0})}, log lines for {sorted(logged)}); submit the run again "
+                "to finish the missing rounds"
+            )
+
+    def write_error(self, text: str) -> None:
+        (self.root / "run-error.txt").write_text(text)
+
+    def read_error(self) -> str | None:
+        path = self.root / "run-error.txt"
+        return path.read_text() if path.exists() else None
+
+    def clear_error(self) -> None:
+        (self.root / "run-error.txt").unlink(missing_ok=True)
 
     def save_adapter(self, model: PeftModel, arrays: ArrayRecord, server_round: int) -> Path:
         arrays_to_adapter(model, arrays)
@@ -45,6 +84,8 @@ class RunFiles:
     def append_round(self, report: RoundReport) -> None:
         with self.rounds_log.open("a") as f:
             f.write(report.model_dump_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     @property
     def rounds_log(self) -> Path:

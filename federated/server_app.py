@@ -1,14 +1,15 @@
-"""Flower ServerApp: FedAvg over the LoRA adapter, replies validated, every round saved.
+"""Flower ServerApp: rounds over the LoRA adapter, replies guarded, every release in the ledger.
 
-The strategy is FedAvg, wrapped in Flower's server-side fixed-clipping central DP when the
-config asks for it, then in GuardedStrategy (outermost, so bad replies never reach clipping).
-The config, the plan (noise, partitions) and the state dir come from Flower's run config.
+The strategy (federated.strategy.GuardedStrategy) samples with FedAvg, checks each reply on its
+own, aggregates with server-set weights (or central DP) and logs every attempt and reply in the
+run's privacy ledger. The config, the plan (noise, partitions) and the state dir come from
+Flower's run config. A round is saved in this order: its line in rounds.jsonl, its adapter
+directory, then "done" in the ledger; a crash in between re-runs it (and charges it again).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
@@ -21,29 +22,12 @@ from cluster.federated_config import FederatedConfig
 from cluster.registry import Registry
 from cluster.state import StateDir
 from federated.adapter_state import adapter_to_arrays, load_adapter_dir
+from federated.ledger import ServerLedger
 from federated.local_train import lora_model
-from federated.plan import NoisePlan
-from federated.privacy import recompute_epsilon
-from federated.protocol import RoundMetrics, TrainTask
+from federated.privacy import ledger_epsilons
 from federated.run_config import RunSpec
 from federated.run_files import RunFiles
-from federated.strategy import GuardedStrategy, RoundReport, build_strategy
-
-
-def _epsilon_at(
-    cfg: FederatedConfig, noise: NoisePlan | None
-) -> Callable[[int, RoundMetrics | None], float | None]:
-    dp = cfg.privacy
-
-    def epsilon_at(server_round: int, metrics: RoundMetrics | None) -> float | None:
-        if dp.mode == "local_dp":  # the clients account; the worst one's
-            return metrics.epsilon if metrics else None
-        if dp.mode == "central_dp":  # one Gaussian release of the average per round
-            rate, sigma = noise.sample_rate, noise.noise_multiplier
-            return recompute_epsilon(server_round, rate, sigma, dp.delta, dp.accountant)
-        return None
-
-    return epsilon_at
+from federated.strategy import GuardedStrategy, JoinTimeout, RoundReport
 
 
 def _start_adapter(cfg: FederatedConfig, state: StateDir, files: RunFiles, model) -> int:
@@ -67,40 +51,41 @@ def _start_adapter(cfg: FederatedConfig, state: StateDir, files: RunFiles, model
     return 0
 
 
+def serve_rounds(run: RunSpec, grid: Grid) -> None:
+    """The server's side of a run's remaining rounds, over `grid` (Flower's, or a test's)."""
+    cfg = run.cfg
+    model = lora_model(cfg, run.state.base_model(cfg.model.base), torch.device("cpu"))
+    files = RunFiles(run.state, cfg.name)
+    done = _start_adapter(cfg, run.state, files, model)
+    if done >= cfg.federation.rounds:
+        log(INFO, "%s already finished its %d rounds", cfg.name, cfg.federation.rounds)
+        return
+    ledger = ServerLedger(files.root)
+
+    def on_round(report: RoundReport, arrays: ArrayRecord) -> None:
+        files.save_round(model, report, arrays)
+
+    strategy = GuardedStrategy(
+        cfg, run.plan, ledger, lambda: ledger_epsilons(cfg, run.plan, ledger), on_round, done
+    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=adapter_to_arrays(model),
+            num_rounds=cfg.federation.rounds - done,
+        )
+    except JoinTimeout as exc:
+        files.write_error(str(exc))  # the job names it in its own error
+        raise
+
+
 def build_server_app(run_config: dict[str, str] | None = None) -> ServerApp:
     """The ServerApp; `run_config` stands in for Flower's where none is passed (simulation)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run = RunSpec.from_flower({**(run_config or {}), **context.run_config})
-        cfg, noise = run.cfg, run.plan.noise
-        model = lora_model(cfg, run.state.base_model(cfg.model.base), torch.device("cpu"))
-        files = RunFiles(run.state, cfg.name)
-        done = _start_adapter(cfg, run.state, files, model)
-        if done >= cfg.federation.rounds:
-            log(INFO, "%s already finished its %d rounds", cfg.name, cfg.federation.rounds)
-            return
-
-        def on_round(report: RoundReport, arrays: ArrayRecord | None) -> None:
-            if arrays is not None:
-                files.save_adapter(model, arrays, report.round)
-            files.append_round(report)
-
-        strategy = GuardedStrategy(
-            build_strategy(cfg, noise),
-            cfg.federation.max_update_norm,
-            _epsilon_at(cfg, noise),
-            on_round,
-            done,
-        )
-        task = TrainTask(adapter_to_arrays(model), round_offset=done)
-        strategy.start(
-            grid=grid,
-            initial_arrays=task.arrays,
-            num_rounds=cfg.federation.rounds - done,
-            train_config=task.config(),
-        )
+        serve_rounds(RunSpec.from_flower({**(run_config or {}), **context.run_config}), grid)
 
     return app
 

@@ -186,7 +186,11 @@ def main() -> int:
     for warm, entries in rounds.items():
         label = "warm Ray actor" if warm else "fresh process (stock)"
         for report in entries:
+            # Under DP clients send no timing (DP does not cover it): only the wall time shows.
             wall, slowest = report.seconds, report.slowest_client_seconds
+            if slowest is None:
+                print(f"{label:<22} {report.round:>5} {wall:>8.1f} {'- (DP)':>17} {'-':>6}")
+                continue
             ratio = wall / slowest
             print(f"{label:<22} {report.round:>5} {wall:>8.1f} {slowest:>17.1f} {ratio:>6.2f}")
     return 0

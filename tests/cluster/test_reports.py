@@ -70,12 +70,13 @@ def test_privacy_report_lists_every_round_and_client():
         sample_rate=1 / 11, steps=20, accountant="rdp",
         by_round=[
             RoundPrivacy(round=1, clients={"0": 2.1, "1": 2.444}),
-            RoundPrivacy(round=2, clients={"0": 2.9, "1": 2.994}),
+            RoundPrivacy(round=2, clients={"0": 2.9, "1": 2.994, "outside-77": 1.5}),
         ],
     )  # fmt: skip
     text = render_report("m:2", record)
     assert text.splitlines()[0] == "m:2: local_dp, epsilon 2.994 at delta 1e-05 (rdp accountant)"
     assert "noise multiplier 1.143" in text and "20 steps per client" in text
+    assert text.splitlines()[-3].split()[-1] == "outside-77"  # header: outside clients last
     last = text.splitlines()[-1].split()
-    assert last == ["2", "2.994", "2.900", "2.994"]
+    assert last == ["2", "2.994", "2.900", "2.994", "1.500"]
     assert render_report("m:1", PrivacyRecord(mode="none")) == "m:1: none (no differential privacy)"

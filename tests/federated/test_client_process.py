@@ -34,6 +34,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDi
 from flwr.common.config import parse_config_args
 
 from federated.client_app import build_client_app
+from federated.ledger import Attempt
 from federated.node_task import ClientState
 from federated.protocol import TrainReply, TrainTask
 
@@ -47,7 +48,7 @@ context = Context(
     state=RecordDict(),
     run_config=json.loads(open(run_config_path).read()),
 )
-content = TrainTask(arrays).to_content()
+content = TrainTask(arrays, (Attempt(1, 1, 1.0),)).to_content()  # tiny.yaml's noise
 task = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 reply = build_client_app()(task, context)
 metrics = TrainReply.from_content(reply.content).metrics

@@ -95,7 +95,7 @@ def test_budget_accumulates_across_rounds_for_a_client(state, tiny_config):
     initial = adapter_to_arrays(lora_model(tiny_config, model_path, torch.device("cpu")))
     sigma = plan.noise.noise_multiplier
 
-    def train(arrays, client):
+    def train(arrays, client, history=()):
         return train_round(
             tiny_config,
             model_path,
@@ -104,15 +104,16 @@ def test_budget_accumulates_across_rounds_for_a_client(state, tiny_config):
             arrays=arrays,
             client=client,
             noise_multiplier=sigma,
+            history=history,
         )
 
     round_1 = train(initial, ClientState())
-    round_2 = train(round_1.arrays, round_1.client)
+    round_2 = train(round_1.arrays, round_1.client, round_1.history)
 
     steps = tiny_config.federation.local_steps
     assert (round_1.client.steps, round_2.client.steps) == (steps, 2 * steps)
     assert plan.noise.sample_rates[0] == sample_rate(len(data), tiny_config.federation.batch_size)
-    eps_1, eps_2 = (epsilon_of(r.client.history, 1e-5, "rdp") for r in (round_1, round_2))
+    eps_1, eps_2 = (epsilon_of(list(r.history), 1e-5, "rdp") for r in (round_1, round_2))
     assert 0 < eps_1 < eps_2
     rate = plan.noise.sample_rates[0]
     assert eps_2 == pytest.approx(recompute_epsilon(2 * steps, rate, sigma, 1e-5), rel=1e-9)

@@ -1,4 +1,4 @@
-"""The federated message format: round trips through Flower records, refusals, aggregation."""
+"""The federated message format: round trips through Flower records, refusals, client state."""
 
 import math
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from federated.node_task import HISTORY_RECORD, ClientState
+from federated.ledger import Attempt, Charge
+from federated.node_task import LEDGER_RECORD, ClientState
 from federated.protocol import (
     ARRAYS,
     CONFIG,
@@ -14,39 +15,42 @@ from federated.protocol import (
     METRICS,
     NUM_EXAMPLES,
     STEPS,
+    TRAIN_LOSS,
     TRAIN_SECONDS,
-    UNIT_WEIGHT,
     MessageError,
-    RoundMetrics,
     TrainMetrics,
     TrainReply,
     TrainTask,
 )
-from federated.strategy import RoundReport, aggregate_train_metrics
+from federated.strategy import RoundReport
 
 ARRAYS_IN = ArrayRecord({"a.lora_A.weight": Array(np.ones((2, 3), np.float32))})
 
 
 def metrics(**changes) -> TrainMetrics:
-    values = dict(num_examples=10, train_loss=2.0, steps=4, partition=1, train_seconds=3.5)
+    values = dict(num_examples=10, steps=4, partition=1)
     return TrainMetrics(**{**values, **changes})
 
 
-def test_a_task_round_trips_and_carries_the_round_offset():
-    task = TrainTask(ARRAYS_IN, round_offset=3)
+def test_a_task_round_trips_with_its_schedule_of_attempts():
+    schedule = (Attempt(1, 1, 1.1), Attempt(2, 2, 1.1), Attempt(3, 2, 1.3))  # round 2 re-run
+    task = TrainTask(ARRAYS_IN, schedule)
     content = task.to_content()
     assert set(content) == {ARRAYS, CONFIG}
     content.config_records[CONFIG]["server-round"] = 1  # what FedAvg adds
-    assert TrainTask.from_content(content) == task
-    assert TrainTask.from_content(RecordDict({ARRAYS: ARRAYS_IN})).round_offset == 0
+    back = TrainTask.from_content(content)
+    assert back == task and back.current == Attempt(3, 2, 1.3)
+    without_dp = TrainTask(ARRAYS_IN, (Attempt(1, 1, None),))
+    assert TrainTask.from_content(without_dp.to_content()) == without_dp
 
 
-@pytest.mark.parametrize("epsilon", [None, 1.25])
-def test_a_reply_round_trips(epsilon):
-    reply = TrainReply(ARRAYS_IN, metrics(epsilon=epsilon))
+@pytest.mark.parametrize("private", [False, True])
+def test_a_reply_round_trips_and_under_dp_carries_no_loss_or_timing(private):
+    clear = {} if private else {"train_loss": 2.0, "train_seconds": 3.5}
+    reply = TrainReply(ARRAYS_IN, metrics(epsilon=1.25, **clear))
     content = reply.to_content()
-    assert content.metric_records[METRICS][UNIT_WEIGHT] == 1
-    assert TrainReply.from_content(content) == reply
+    assert TrainReply.from_content(content, private) == reply
+    assert (TRAIN_LOSS in content.metric_records[METRICS]) is not private
 
 
 def _content(record: dict, arrays: str = ARRAYS, metrics_name: str = METRICS) -> RecordDict:
@@ -56,10 +60,15 @@ def _content(record: dict, arrays: str = ARRAYS, metrics_name: str = METRICS) ->
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({NUM_EXAMPLES: 0}, "'num-examples' must be a positive number"),
-        ({NUM_EXAMPLES: math.inf}, "'num-examples' must be a positive number"),
-        ({UNIT_WEIGHT: 50}, "'unit-weight' must be 1"),  # would outweigh the others
+        ({NUM_EXAMPLES: 0}, "'num-examples' must be a whole number"),
+        ({NUM_EXAMPLES: math.inf}, "'num-examples' must be finite"),
+        ({NUM_EXAMPLES: 9e18}, "'num-examples' must be a whole number in"),
         ({STEPS: [1, 2]}, "metric 'steps' must be a number"),
+        ({STEPS: math.nan}, "metric 'steps' must be finite"),
+        ({STEPS: 2.5}, "'steps' must be a whole number"),
+        ({"unit-weight": -1.0}, "unexpected \\['unit-weight'\\]"),
+        ({EPSILON: -0.5}, "cannot be negative"),
+        ({EPSILON: math.nan}, "'epsilon' must be finite"),
     ],
 )
 def test_replies_with_bad_metrics_are_refused_with_the_reason(change, reason):
@@ -68,58 +77,53 @@ def test_replies_with_bad_metrics_are_refused_with_the_reason(change, reason):
         TrainReply.from_content(_content({**record, **change}))
 
 
-def test_replies_with_other_records_are_refused():
+def test_replies_with_other_or_missing_records_or_keys_are_refused():
     record = dict(metrics().to_record())
-    with pytest.raises(MessageError, match="expected ArrayRecord 'arrays' and MetricRecord"):
+    with pytest.raises(MessageError, match="expected only ArrayRecord 'arrays' and MetricRecord"):
         TrainReply.from_content(_content(record, arrays="weights"))
-    missing = {k: v for k, v in record.items() if k != TRAIN_SECONDS}
-    with pytest.raises(MessageError, match="metric 'train-seconds' must be a number, got None"):
+    extra = _content(record)
+    extra["config"] = ConfigRecord({"x": 1})
+    with pytest.raises(MessageError, match="ConfigRecords \\['config'\\]"):
+        TrainReply.from_content(extra)
+    missing = {k: v for k, v in record.items() if k != STEPS}
+    with pytest.raises(MessageError, match="missing \\['steps'\\]"):
         TrainReply.from_content(_content(missing))
 
 
-def test_round_metrics_weigh_the_loss_by_examples_and_keep_the_worst_privacy():
-    replies = [
-        TrainReply(ARRAYS_IN, metrics(num_examples=30, train_loss=1.0, steps=4, epsilon=0.5)),
-        TrainReply(ARRAYS_IN, metrics(num_examples=10, train_loss=3.0, steps=6, epsilon=0.9)),
-    ]
-    record = aggregate_train_metrics([r.to_content() for r in replies], UNIT_WEIGHT)
-    assert RoundMetrics.from_record(record) == RoundMetrics(40, 1.5, 6, 0.9)
+def test_under_dp_a_reply_with_a_loss_or_timing_in_clear_is_refused():
+    record = dict(metrics(train_loss=2.0, train_seconds=1.0).to_record())
+    assert TrainReply.from_content(_content(record), private=False)
+    with pytest.raises(MessageError, match="DP does not cover a client's loss or timing"):
+        TrainReply.from_content(_content(record), private=True)
+    assert TRAIN_SECONDS in record
 
 
-def test_round_metrics_without_local_dp_have_no_epsilon():
-    replies = [TrainReply(ARRAYS_IN, metrics()), TrainReply(ARRAYS_IN, metrics(partition=0))]
-    record = aggregate_train_metrics([r.to_content() for r in replies], NUM_EXAMPLES)
-    assert EPSILON not in record
-    assert RoundMetrics.from_record(record) == RoundMetrics(20, 2.0, 4)
-
-
-def test_client_state_survives_the_context_state_between_messages():
+def test_client_state_keeps_the_client_ledger_between_messages():
     state = RecordDict()
-    assert ClientState.load(state) == ClientState(0, None)  # a fresh (or resumed) node
+    assert ClientState.load(state) == ClientState(0, ())  # a fresh (or restarted) node
 
-    ClientState(steps=4, history=[(1.1, 0.09, 2), (1.1, 0.09, 2)]).save(state)
-    assert ClientState.load(state) == ClientState(4, [(1.1, 0.09, 2), (1.1, 0.09, 2)])
-    assert isinstance(state[HISTORY_RECORD], ConfigRecord)
+    ledger = (Charge(1, 1, 1.1, 0.09, 2, True), Charge(2, 2, 1.1, 0.09, 2))
+    ClientState(steps=4, ledger=ledger).save(state)
+    assert ClientState.load(state) == ClientState(4, ledger)
+    assert isinstance(state[LEDGER_RECORD], ConfigRecord)
 
     without_dp = RecordDict()
-    ClientState(steps=2, history=[]).save(without_dp)
-    assert ClientState.load(without_dp) == ClientState(2, None)
+    ClientState(steps=2).save(without_dp)
+    assert ClientState.load(without_dp) == ClientState(2, ())
 
 
-def test_a_round_report_round_trips_through_its_log_line_even_with_a_nan_loss():
+def test_a_round_report_round_trips_through_its_log_line():
     report = RoundReport(
         round=2,
+        attempt=3,
         clients=1,
         failed={7: "node lost"},
         rejected={9: "non-finite values"},
         train_loss=None,
         epsilon=0.4,
+        epsilons={"0": 0.4, "outside-9": 0.2},
         seconds=12.5,
-        slowest_client_seconds=3.5,
-        per_client={5: metrics(train_loss=float("nan"), epsilon=0.4)},
+        slowest_client_seconds=None,
+        per_client={5: metrics(epsilon=0.4)},
     )
-    back = RoundReport.model_validate_json(report.model_dump_json())
-    assert math.isnan(back.per_client[5].train_loss)
-    assert back.model_copy(update={"per_client": {}}) == report.model_copy(
-        update={"per_client": {}}
-    )
+    assert RoundReport.model_validate_json(report.model_dump_json()) == report

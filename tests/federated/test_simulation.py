@@ -3,12 +3,14 @@ import pytest
 from flwr.simulation import run_simulation
 
 from federated.client_app import build_client_app
+from federated.ledger import sample_rate
 from federated.planning import make_plan
 from federated.run_config import RunSpec
 from federated.run_files import RunFiles
 from llm.lora import load_adapter
 from llm.model import load_model
 from tests.federated.conftest import tiny
+from tests.federated.loopback import opacus_epsilon
 
 
 @pytest.mark.integration
@@ -18,8 +20,15 @@ def test_one_dp_round_in_simulation_changes_the_adapter_and_reports_epsilon(tmp_
     files = RunFiles(state, "tiny-federated")
     [report] = files.rounds()
     assert report.clients == 2 and not report.failed and not report.rejected
-    assert report.epsilon > 0 and np.isfinite(report.train_loss)
+    assert report.train_loss is None  # under DP no client's loss leaves it
     assert sorted(c.partition for c in report.per_client.values()) == [0, 1]
+    # Each client's epsilon (server's ledger and its own report) against Opacus, recomputed.
+    cfg = tiny(tmp_path)
+    for partition, part in enumerate(make_plan(cfg).partitions):
+        truth = opacus_epsilon([(1.0, sample_rate(len(part), 4), 2)])
+        assert report.epsilons[str(partition)] == pytest.approx(truth, rel=1e-9)
+    reported = sorted(c.epsilon for c in report.per_client.values())  # the clients' own
+    assert reported == pytest.approx(sorted(report.epsilons.values()), rel=1e-9)
     base = state.base_model("tiny")
     before, after = (
         load_adapter(load_model(base), files.adapter_dir(r)).state_dict() for r in (0, 1)

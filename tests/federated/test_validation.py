@@ -19,7 +19,7 @@ GLOBAL = record(
 
 
 def reply(arrays: dict) -> TrainReply:
-    return TrainReply(record(arrays), TrainMetrics(10, 2.0, 4, 0, 1.0))
+    return TrainReply(record(arrays), TrainMetrics(num_examples=10, steps=4, partition=0))
 
 
 def fine() -> dict:
@@ -29,8 +29,10 @@ def fine() -> dict:
     }
 
 
-def test_a_small_finite_update_is_accepted():
-    assert accepted_reply(GLOBAL, reply(fine()).to_content(), max_norm=1.0) == reply(fine())
+def test_a_small_finite_update_is_accepted_with_its_update():
+    parsed, update = accepted_reply(GLOBAL, reply(fine()).to_content(), max_norm=1.0)
+    assert parsed == reply(fine())
+    assert np.allclose(update["a.lora_A.weight"], 0.01) and not update["a.lora_B.weight"].any()
 
 
 @pytest.mark.parametrize(
@@ -42,7 +44,8 @@ def test_a_small_finite_update_is_accepted():
         (lambda a: a.update({"b.lora_A.weight": a.pop("a.lora_A.weight")}), "wrong keys"),
         (lambda a: a.pop("a.lora_B.weight"), "wrong keys"),
         (lambda a: a.update({"a.lora_A.weight": np.full((4, 8), 100.0, np.float32)}), "norm"),
-        (lambda a: a.update({"a.lora_A.weight": np.ones((4, 8), np.int32)}), "non-float"),
+        (lambda a: a.update({"a.lora_A.weight": np.ones((4, 8), np.int32)}), "wrong dtype"),
+        (lambda a: a.update({"a.lora_A.weight": np.ones((4, 8), np.float64)}), "wrong dtype"),
     ],
 )
 def test_broken_updates_are_rejected_with_a_reason(change, reason):
@@ -55,5 +58,18 @@ def test_broken_updates_are_rejected_with_a_reason(change, reason):
 def test_a_reply_that_breaks_the_protocol_is_rejected_with_the_reason():
     content = reply(fine()).to_content()
     content.metric_records[METRICS][NUM_EXAMPLES] = 0
-    with pytest.raises(MessageError, match="'num-examples' must be a positive number"):
+    with pytest.raises(MessageError, match="'num-examples' must be a whole number"):
         accepted_reply(GLOBAL, content, max_norm=1.0)
+
+
+def test_an_array_whose_bytes_do_not_match_its_declared_shape_is_refused_unread():
+    content = reply(fine()).to_content()
+    declared = content.array_records["arrays"]["a.lora_A.weight"]
+    declared.data = declared.data + b"\0" * 10_000  # a payload far larger than (4, 8) float32
+    with pytest.raises(MessageError, match="holds .* bytes, not a float32 array"):
+        accepted_reply(GLOBAL, content, max_norm=1.0)
+    garbage = reply(fine()).to_content()
+    array = garbage.array_records["arrays"]["a.lora_B.weight"]
+    array.data = b"x" * len(array.data)  # the right size, but not an .npy payload
+    with pytest.raises(MessageError, match="cannot be read as an array"):
+        accepted_reply(GLOBAL, garbage, max_norm=1.0)

@@ -1,0 +1,232 @@
+"""The server's strategy against real Flower Messages: hostile replies, weights, central DP.
+
+Each hostile reply is rejected with its reason logged while the round completes on the others;
+weights come from the server, so a client cannot steer the average; central DP's effective
+noise multiplier is exactly the one its accountant charges.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from federated.ledger import ServerLedger
+from federated.planning import make_plan
+from federated.privacy import ledger_epsilons
+from federated.protocol import METRICS, OUTSIDE_CLIENT, TrainMetrics, TrainReply
+from federated.strategy import GuardedStrategy, JoinTimeout, RoundReport
+from tests.federated.conftest import tiny
+from tests.federated.loopback import LoopbackGrid, opacus_epsilon
+
+SECURE = {"tls": True, "supernode_auth": True}
+KEYS = ("m.lora_A.weight", "m.lora_B.weight")
+GLOBAL = ArrayRecord({k: Array(np.zeros((4, 8), np.float32)) for k in KEYS})
+
+
+def arrays(value: float = 0.01, dtype=np.float32, shape=(4, 8)) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full(shape, value, dtype)) for k in KEYS})
+
+
+def request(node: int) -> Message:
+    content = RecordDict({"arrays": GLOBAL, "config": ConfigRecord({})})
+    return Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def answer(node: int, content) -> Message:
+    return Message(content=content, reply_to=request(node))
+
+
+def honest(node: int, plan, partition: int, value: float = 0.01, private: bool = True) -> Message:
+    clear = {} if private else {"train_loss": 1.0, "train_seconds": 0.5}
+    metrics = TrainMetrics(len(plan.partitions[partition]), 2, partition, epsilon=0.5, **clear)
+    return answer(node, TrainReply(arrays(value), metrics).to_content())
+
+
+def strategy(tmp_path, cfg, plan, saved: list, **kwargs) -> GuardedStrategy:
+    ledger = ServerLedger(tmp_path / "run")
+
+    def on_round(report: RoundReport, out: ArrayRecord) -> None:
+        saved.append((report, out))
+
+    made = GuardedStrategy(
+        cfg, plan, ledger, lambda: ledger_epsilons(cfg, plan, ledger), on_round, **kwargs
+    )
+    made._global = GLOBAL  # as configure_train leaves it
+    return made
+
+
+def _hostile(plan) -> dict[str, Message]:
+    """Node id 10.. -> a reply no server should aggregate, by kind."""
+    good = dict(TrainMetrics(len(plan.partitions[1]), 2, 1, epsilon=0.5).to_record())
+
+    def with_metrics(node, values, payload=None):
+        return answer(
+            node, RecordDict({"arrays": payload or arrays(), METRICS: MetricRecord(values)})
+        )
+
+    def with_records(node, records):
+        return answer(node, RecordDict(records))
+
+    wrong_bytes = arrays()
+    wrong_bytes[KEYS[0]].data = b"\x93NUMPY" + b"\0" * 130  # right size, not an array
+    outside = dict(good, **{"partition-id": OUTSIDE_CLIENT})
+    return {
+        "weight poisoning: 9e18 examples": with_metrics(10, dict(good, **{"num-examples": 9e18})),
+        "negative unit-weight (extra key)": with_metrics(11, dict(good, **{"unit-weight": -5.0})),
+        "missing metric key": with_metrics(12, {k: v for k, v in good.items() if k != "steps"}),
+        "NaN step count": with_metrics(13, dict(good, steps=math.nan)),
+        "list-valued metric": with_metrics(14, dict(good, **{"num-examples": [1.0, 2.0]})),
+        "unexpected record name": with_records(
+            141, {"weights": arrays(), METRICS: MetricRecord(good)}
+        ),
+        "extra config record": with_records(
+            15, {"arrays": arrays(), METRICS: MetricRecord(good), "cfg": ConfigRecord({"a": 1})}
+        ),
+        "NaN tensor": with_metrics(16, good, arrays(math.nan)),
+        "wrong shape": with_metrics(17, good, arrays(shape=(8, 4))),
+        "wrong dtype": with_metrics(18, good, arrays(dtype=np.float64)),
+        "update norm too large": with_metrics(19, good, arrays(1e3)),
+        "bytes not an array": with_metrics(20, good, wrong_bytes),
+        "loss in clear under DP": with_metrics(21, dict(good, train_loss=0.3)),
+        "partition that does not exist": with_metrics(22, dict(good, **{"partition-id": 7})),
+        "claims another partition's size": with_metrics(23, dict(good, **{"num-examples": 5})),
+        "outside client above the cap": with_metrics(24, dict(outside, **{"num-examples": 50_000})),
+        "second reply for one client": with_metrics(25, good),
+        "empty reply": with_records(26, {}),
+    }
+
+
+def test_every_hostile_reply_is_rejected_logged_and_charged_and_the_round_completes(
+    tmp_path, caplog
+):
+    cfg = tiny(
+        tmp_path, flower={**SECURE, "external_clients": 1}, federation={"min_available_nodes": 3}
+    )
+    plan = make_plan(cfg)
+    saved: list = []
+    guard = strategy(tmp_path, cfg, plan, saved)
+    guard._attempt = guard.ledger.start(1, 1.0, 2, [])
+    hostile = _hostile(plan)
+    replies = [honest(1, plan, 0, 0.01), honest(2, plan, 1, 0.03), *hostile.values()]
+    replies.append(Message(Error(code=0, reason="SuperNode lost"), reply_to=request(30)))
+
+    out, _ = guard.aggregate_train(1, replies)
+
+    [(report, kept)] = saved
+    assert report.clients == 2 and sorted(report.per_client) == [1, 2]
+    assert sorted(report.rejected) == sorted(m.metadata.src_node_id for m in hostile.values())
+    assert report.failed == {30: "SuperNode lost"}
+    assert len(hostile) >= 8
+    for node, why in report.rejected.items():
+        assert why and f"rejected reply from node {node}" in caplog.text
+    # The honest average, by the server's weights (partition sizes 162 and 147).
+    n0, n1 = (len(p) for p in plan.partitions)
+    expected = (0.01 * n0 + 0.03 * n1) / (n0 + n1)
+    assert np.allclose(out[KEYS[0]].numpy(), expected, atol=1e-7) and kept is out
+    # The rejected replies were charged: the ledger holds every reply the server saw.
+    statuses = [e.status for e in guard.ledger.events() if e.event == "reply"]
+    assert statuses.count("rejected") == len(hostile) and statuses.count("kept") == 2
+    assert report.train_loss is None and report.slowest_client_seconds is None  # under DP
+
+
+def test_a_client_cannot_steer_the_average_with_its_weight(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        flower={**SECURE, "external_clients": 2, "external_max_examples": 200},
+        federation={"min_available_nodes": 4},
+        privacy={"mode": "none", "noise_multiplier": None},
+    )
+    plan = make_plan(cfg)
+    saved: list = []
+    guard = strategy(tmp_path, cfg, plan, saved)
+    guard._attempt = guard.ledger.start(1, None, 0, [])
+    poison = arrays(0.5)  # within max_update_norm (50): only its weight could make it win
+
+    def claim(node, partition, examples):
+        metrics = TrainMetrics(examples, 2, partition, train_loss=1.0, train_seconds=0.1)
+        return answer(node, TrainReply(poison, metrics).to_content())
+
+    replies = [
+        honest(1, plan, 0, 0.01, private=False),
+        honest(2, plan, 1, 0.03, private=False),
+        claim(3, 0, 9 * 10**15),  # an in-cluster partition, a giant count
+        claim(4, OUTSIDE_CLIENT, 9 * 10**15),  # outside, a giant count
+    ]
+
+    out, _ = guard.aggregate_train(1, replies)
+
+    n0, n1 = (len(p) for p in plan.partitions)
+    honest_average = (0.01 * n0 + 0.03 * n1) / (n0 + n1)
+    assert np.allclose(out[KEYS[0]].numpy(), honest_average, atol=1e-7)
+    [(report, _)] = saved
+    assert sorted(report.rejected) == [3, 4]
+
+
+def test_central_dp_noise_matches_what_its_accountant_charges(tmp_path):
+    sigma, clip = 1.3, 0.5
+    cfg = tiny(
+        tmp_path,
+        privacy={"mode": "central_dp", "noise_multiplier": sigma, "max_grad_norm": clip},
+        federation={"num_clients": 2, "rounds": 1, "fraction_train": 0.5},
+    )
+    plan = make_plan(cfg)
+    saved: list = []
+    guard = strategy(tmp_path, cfg, plan, saved, rng=np.random.default_rng(0))
+    grid = LoopbackGrid(dict.fromkeys([1, 2, 3, 4]))
+    messages = list(guard.configure_train(1, GLOBAL, ConfigRecord(), grid))
+    assert len(messages) == 2 == len(guard._sampled)  # half of the 4 connected nodes
+
+    # Sensitivity: with the noise off, adding or removing one client (however large its
+    # update, a failed one counting as zero) moves the average by at most clip / sampled.
+    silent = plan.noise.model_copy(update={"noise_multiplier": 0.0})
+    guard_off = strategy(tmp_path / "off", cfg, plan.model_copy(update={"noise": silent}), [])
+    guard_off._sampled, guard_off._attempt = [1, 2], guard_off.ledger.start(1, 0.0, 1, [1, 2])
+    metrics = TrainMetrics(len(plan.partitions[0]), 1, 0)
+    big = answer(1, TrainReply(arrays(5.0), metrics).to_content())  # norm 40 >> clip
+    lost = Message(Error(0, "lost"), reply_to=request(1))
+    with_both, _ = guard_off.aggregate_train(1, [big, honest(2, plan, 1, 0.01)])
+    without, _ = guard_off.aggregate_train(1, [lost, honest(2, plan, 1, 0.01)])
+    moved = math.sqrt(
+        sum(((with_both[k].numpy() - without[k].numpy()).astype(float) ** 2).sum() for k in KEYS)
+    )
+    assert moved == pytest.approx(clip / 2, rel=1e-5)  # the clipped big update, divided by 2
+
+    # Noise: its std on the average is sigma * clip / 2, so noise / sensitivity = sigma.
+    big_global = ArrayRecord({k: Array(np.zeros((200, 250), np.float32)) for k in KEYS})
+    guard._global = big_global
+    out, _ = guard.aggregate_train(1, [])
+    noise_std = np.concatenate([out[k].numpy().ravel() for k in KEYS]).std()
+    assert noise_std / (clip / 2) == pytest.approx(sigma, rel=0.01)
+
+    # What the accountant charged: one release per round at rate 1 (no sampling amplification),
+    # at the same sigma, for every client.
+    truth = opacus_epsilon([(sigma, 1.0, 1)])
+    assert ledger_epsilons(cfg, plan, guard.ledger) == pytest.approx({"0": truth, "1": truth})
+    assert plan.noise.sample_rates == [1.0, 1.0]
+
+
+def test_a_round_waits_for_its_nodes_only_until_the_join_deadline(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        flower={**SECURE, "external_clients": 1, "join_timeout_s": 0.3},
+        federation={"min_available_nodes": 3},
+    )
+    guard = strategy(tmp_path, cfg, make_plan(cfg), [])
+    with pytest.raises(JoinTimeout) as err:
+        guard.configure_train(1, GLOBAL, ConfigRecord(), LoopbackGrid({1: None, 2: None}))
+    message = str(err.value)
+    assert "2 of the 3 SuperNodes" in message and "flower.join_timeout_s (0.3 s)" in message
+    assert "in-cluster partitions [0, 1] of 2" in message and "1 expected" in message
+    assert guard.ledger.attempts() == []  # nobody was asked, nothing charged
