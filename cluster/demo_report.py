@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cluster.gate import GateDecision  # noqa: E402
+from cluster.lineage import COMMUNICATION_METRIC  # noqa: E402
 from cluster.registry import Registry, VersionRecord  # noqa: E402
 from cluster.state import StateDir  # noqa: E402
 
@@ -51,6 +52,11 @@ def _privacy(record: VersionRecord) -> str:
     return f"({privacy.epsilon:.2f}, {privacy.delta:g})"
 
 
+def _communication(record: VersionRecord) -> str:
+    moved = record.lineage.metrics.get(COMMUNICATION_METRIC)
+    return f"{moved:.1f} MB" if moved is not None else "-"
+
+
 def summary_rows(result: DemoResult, model_name: str) -> list[tuple[str, str]]:
     fine, fed = result.versions["fine-tuned"], result.versions["federated"]
     base = fine.lineage.metrics.get("base_accuracy", float("nan"))
@@ -59,6 +65,7 @@ def summary_rows(result: DemoResult, model_name: str) -> list[tuple[str, str]]:
         (f"... fine-tuned, central share ({model_name}:{fine.version})", _accuracy(fine)),
         (f"... federated from it, DP ({model_name}:{fed.version})", _accuracy(fed)),
         ("privacy of the federated rounds (epsilon, delta)", _privacy(fed)),
+        ("communication of the federated rounds (adapter tensors)", _communication(fed)),
         ("gate", result.gate.message if result.gate else "-"),
         ("endpoint", f"{result.endpoint} (model '{model_name}')"),
         (f"first token p50 / p99 ({len(result.latencies)} streamed requests)",

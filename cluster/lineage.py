@@ -29,6 +29,9 @@ ARTIFACT_PATH_TAG = TAG_PREFIX + "artifact_path"
 PRODUCTION_HISTORY_TAG = TAG_PREFIX + "production_history"
 REGISTRATION_TAG = TAG_PREFIX + "registration"  # "pending" until its last step, then "complete"
 CONFIG_FILE = "fedforge_config.yaml"  # the job's config, registered beside the adapter
+# A federated version's metric: adapter tensors moved between server and clients, in MB, over
+# every round and both directions (FlowerTune reports communication beside accuracy).
+COMMUNICATION_METRIC = "communication_mb"
 
 TRACKED_PACKAGES = (
     "fedforge",

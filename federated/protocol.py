@@ -187,3 +187,12 @@ class TrainReply:
             content.array_records[ARRAYS],
             TrainMetrics.from_record(content.metric_records[METRICS], private),
         )
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of tensor data a message carries: what dominates its size on the wire (the few
+    config and metric values are left out). 0 for content that cannot be read."""
+    try:
+        return sum(len(a.data) for r in content.array_records.values() for a in r.values())
+    except Exception:  # noqa: BLE001 - a hostile reply's size is not worth a crash
+        return 0

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cluster.config import load_config
 from cluster.entry import run_job
 from cluster.federated_config import FederatedConfig
+from cluster.lineage import COMMUNICATION_METRIC
 from cluster.privacy_record import PrivacyRecord
 from cluster.ray_cluster import connect
 from cluster.registry import Registry
@@ -67,7 +68,7 @@ def _round_line(report: RoundReport) -> str:
     slowest = report.slowest_client_seconds
     line = (
         f"[fedforge] round {report.round}: {report.clients} clients, loss {loss}, "
-        f"epsilon {eps}, {report.seconds:.1f} s"
+        f"epsilon {eps}, {report.bytes_moved / 1e6:.2f} MB moved, {report.seconds:.1f} s"
         + (f" (slowest client {slowest:.1f} s)" if slowest else "")
     )
     for node, why in {**report.failed, **report.rejected}.items():
@@ -106,12 +107,24 @@ def run_federated(
     registry = Registry.from_settings(cfg.registry, state)
     with tracked_run(registry, cfg) as run_id:
         for report in history:
-            per_round = {TRAIN_LOSS: report.train_loss, EPSILON: report.epsilon}
+            per_round = {
+                TRAIN_LOSS: report.train_loss,
+                EPSILON: report.epsilon,
+                COMMUNICATION_METRIC: report.bytes_moved / 1e6,
+            }
             registry.log_metrics(
                 run_id, {k: v for k, v in per_round.items() if v is not None}, report.round
             )
+        moved = sum(report.bytes_moved for report in history)
         published = publish_adapter(
-            registry, run_id, cfg, model_path, adapter_dir, kind="federated", privacy=privacy.budget
+            registry,
+            run_id,
+            cfg,
+            model_path,
+            adapter_dir,
+            kind="federated",
+            metrics={COMMUNICATION_METRIC: moved / 1e6},
+            privacy=privacy.budget,
         )
     return FederatedOutcome(published, privacy)
 

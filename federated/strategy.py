@@ -42,6 +42,7 @@ from federated.protocol import (
     MessageError,
     TrainMetrics,
     TrainTask,
+    payload_bytes,
 )
 from federated.validation import accepted_reply
 
@@ -66,6 +67,15 @@ class RoundReport(BaseModel):
     seconds: float
     slowest_client_seconds: float | None  # without DP only
     per_client: dict[int, TrainMetrics]  # node id -> what it reported, for kept replies
+    bytes_sent: int = 0  # tensor bytes sent to each sampled client (the global adapter)
+    bytes_received: dict[int, int] = {}  # node id -> tensor bytes of its reply (also rejected)
+
+    @property
+    def bytes_moved(self) -> int:
+        """Both directions, every client of the round."""
+        return self.bytes_sent * (self.clients + len(self.failed) + len(self.rejected)) + sum(
+            self.bytes_received.values()
+        )
 
 
 class GuardedStrategy(Strategy):
@@ -100,6 +110,7 @@ class GuardedStrategy(Strategy):
         self._global = ArrayRecord()
         self._attempt = Attempt(0, 0, None)
         self._sampled: list[int] = []
+        self._sent = 0  # tensor bytes of this round's task, per sampled client
         self._started = time.monotonic()
 
     # -- asking --------------------------------------------------------------------------------
@@ -141,6 +152,7 @@ class GuardedStrategy(Strategy):
         for message in messages:
             message.content.config_records[CONFIG] = task.config()
         self._global, self._started = arrays, time.monotonic()
+        self._sent = payload_bytes(messages[0].content) if messages else 0
         return messages
 
     # -- answers -------------------------------------------------------------------------------
@@ -207,8 +219,11 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         updates, rejected, failed, per_client, seen = [], {}, {}, {}, set()
+        received: dict[int, int] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
+            if not reply.has_error():
+                received[node] = payload_bytes(reply.content)
             if reply.has_error():
                 failed[node] = str(reply.error.reason)[:500]
                 log(WARNING, "round %d: node %d dropped out: %s", server_round, node, failed[node])
@@ -252,6 +267,8 @@ class GuardedStrategy(Strategy):
             seconds=time.monotonic() - self._started,
             slowest_client_seconds=max(times, default=None) if not self.private else None,
             per_client=per_client,
+            bytes_sent=self._sent,
+            bytes_received=received,
         )
         log(
             INFO,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.lineage import COMMUNICATION_METRIC
 from cluster.privacy_record import PrivacyRecord
 from cluster.registry import PRODUCTION, Registry
 
@@ -50,6 +51,7 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
         assert version.lineage.dataset_sha256 and version.lineage.config_sha256
         assert version.lineage.lora_rank == 8
     assert fed.lineage.privacy.epsilon > 0 and fed.lineage.privacy.delta == 1e-5
+    assert fed.lineage.metrics[COMMUNICATION_METRIC] > 0  # adapter MB moved by the rounds
     # The gate: production is one of the two, the one with the better held-out accuracy.
     production = registry.aliases("fedforge-tiny")[PRODUCTION]
     accuracy = {v.version: v.lineage.metrics["eval_accuracy"] for v in (fine, fed)}

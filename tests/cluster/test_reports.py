@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from cluster.demo_report import DemoResult, summary_table, write_report
 from cluster.gate import decide
-from cluster.lineage import Lineage
+from cluster.lineage import COMMUNICATION_METRIC, Lineage
 from cluster.privacy_cli import render_report
 from cluster.privacy_record import PrivacyBudget, PrivacyRecord, RoundPrivacy
 from cluster.registry import Registry, VersionRecord
 
 
-def _version(registry: Registry, version: str, accuracy: float, kind: str, **lineage):
+def _version(registry, version: str, accuracy: float, kind: str, extra=None, **lineage):
     with registry.run("report", kind, {}) as run_id:
         steps = range(1, 4)
         key = "loss" if kind == "finetune" else "train_loss"
         for step in steps:
             registry.log_metrics(run_id, {key: 3.0 / step, "epsilon": 0.5 * step}, step)
-    metrics = {"eval_accuracy": accuracy, "base_accuracy": 0.1}
+    metrics = {"eval_accuracy": accuracy, "base_accuracy": 0.1, **(extra or {})}
     return VersionRecord(
         "m",
         version,
@@ -30,7 +30,7 @@ def _version(registry: Registry, version: str, accuracy: float, kind: str, **lin
 def _result(registry: Registry) -> DemoResult:
     fine = _version(registry, "1", 0.8, "finetune")
     privacy = PrivacyBudget(mode="local_dp", epsilon=2.994, delta=1e-5)
-    fed = _version(registry, "2", 0.9, "federated", privacy=privacy)
+    fed = _version(registry, "2", 0.9, "federated", {COMMUNICATION_METRIC: 12.34}, privacy=privacy)
     return DemoResult(
         versions={"fine-tuned": fine, "federated": fed},
         gate=decide([fine, fed], None),
@@ -52,6 +52,7 @@ def test_summary_table_shows_accuracy_privacy_gate_and_latency(empty_state):
     assert "(2.99, 1e-05)" in rows["privacy of the federated rounds (epsilon, delta)"]
     assert "promoted v2 (90.0%) over no production version" in rows["gate"]
     assert "150 ms / 200 ms" in rows["first token p50 / p99 (3 streamed requests)"]
+    assert "12.3 MB" in rows["communication of the federated rounds (adapter tensors)"]
     assert "34 s" in table and "8.1 min" in table
 
 

@@ -25,7 +25,7 @@ from flwr.app import (
 from federated.ledger import ServerLedger
 from federated.planning import make_plan
 from federated.privacy import ledger_epsilons
-from federated.protocol import METRICS, OUTSIDE_CLIENT, TrainMetrics, TrainReply
+from federated.protocol import METRICS, OUTSIDE_CLIENT, TrainMetrics, TrainReply, payload_bytes
 from federated.strategy import GuardedStrategy, JoinTimeout, RoundReport
 from tests.federated.conftest import tiny
 from tests.federated.loopback import LoopbackGrid, opacus_epsilon
@@ -139,6 +139,10 @@ def test_every_hostile_reply_is_rejected_logged_and_charged_and_the_round_comple
     statuses = [e.status for e in guard.ledger.events() if e.event == "reply"]
     assert statuses.count("rejected") == len(hostile) and statuses.count("kept") == 2
     assert report.train_loss is None and report.slowest_client_seconds is None  # under DP
+    # Communication: every reply read off the wire is counted, the failed one sent nothing.
+    honest_bytes = payload_bytes(replies[0].content)
+    assert honest_bytes > 0 and report.bytes_received[1] == report.bytes_received[2] == honest_bytes
+    assert 30 not in report.bytes_received
 
 
 def test_a_client_cannot_steer_the_average_with_its_weight(tmp_path):
