@@ -11,14 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cluster.config import (
-    DataSettings,
-    EvalSettings,
-    LoraSettings,
-    ModelSettings,
-    RegistrySettings,
-    Section,
-)
+from cluster.config import Section, TrainingJobConfig
 
 
 class FederationSettings(Section):
@@ -178,6 +171,14 @@ class PrivacySettings(Section):
         description="Clipping norm: per example (local_dp) or per client update (central_dp).",
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus privacy accountant.")
+    budget_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Budget of the clients' data over every version's ancestry: epsilon at "
+        "privacy.delta composed over this run and every federated run on the same data it "
+        "started from (federation.initial_adapter). The promotion gate refuses a version past "
+        "it. null = no budget.",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_set_noise(self) -> PrivacySettings:
@@ -190,20 +191,11 @@ class PrivacySettings(Section):
         return self
 
 
-class FederatedConfig(Section):
-    name: str = Field(
-        description="Run name: names the run's folder under the state dir.",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-    )
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    data: DataSettings
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+class FederatedConfig(TrainingJobConfig):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     partition: PartitionSettings = Field(default_factory=PartitionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @model_validator(mode="after")
     def _nodes_fit(self) -> FederatedConfig:

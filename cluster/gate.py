@@ -16,20 +16,25 @@ GATE_METRIC = "eval_accuracy"  # held-out exact-match accuracy, recorded by ever
 
 @dataclass(frozen=True)
 class GateDecision:
-    best: VersionRecord  # the best of the new versions
+    best: VersionRecord | None  # the best new version within its privacy budgets (None: none)
     current: VersionRecord | None  # production before the gate
     promote: bool
+    refused: tuple[str, ...] = ()  # new versions past a privacy budget, and by how much
 
     @property
     def message(self) -> str:
-        best = f"v{self.best.version} ({score(self.best):.1%})"
-        if self.promote:
-            over = f"v{self.current.version} ({score(self.current):.1%})" if self.current else None
-            return f"promoted {best} over {over or 'no production version'}"
-        return (
-            f"kept v{self.current.version} ({score(self.current):.1%}): best new {best} "
-            "does not beat it"
-        )
+        if self.best is None:
+            verdict = f"kept {_label(self.current)}" if self.current else "promoted nothing"
+        elif self.promote:
+            over = _label(self.current) if self.current else "no production version"
+            verdict = f"promoted {_label(self.best)} over {over}"
+        else:
+            verdict = f"kept {_label(self.current)}: best new {_label(self.best)} does not beat it"
+        return "; ".join([verdict, *(f"refused {why}" for why in self.refused)])
+
+
+def _label(record: VersionRecord) -> str:
+    return f"v{record.version} ({score(record):.1%})"
 
 
 def score(record: VersionRecord) -> float:
@@ -42,13 +47,32 @@ def score(record: VersionRecord) -> float:
     return value
 
 
+def privacy_overrun(record: VersionRecord) -> str | None:
+    """Why `record` is past the privacy budget of a data source its ancestry used, or None."""
+    for source, spent in sorted(record.lineage.data_privacy.items()):
+        over = spent.over_budget
+        if over is None:
+            continue
+        used = f"epsilon {spent.epsilon:.3f}" if spent.epsilon is not None else "it without DP"
+        return (
+            f"v{record.version}: its ancestry spent {used} of data {source}, budget "
+            f"{spent.budget_epsilon:g} ({over:.3f} over)"
+        )
+    return None
+
+
 def decide(candidates: list[VersionRecord], current: VersionRecord | None) -> GateDecision:
-    """Promote the best candidate if there is no production version or it scores strictly
-    higher; on a tie the earlier candidate wins (order of `candidates`)."""
+    """Promote the best candidate within its privacy budgets if there is no production version
+    or it scores strictly higher; on a tie the earlier candidate wins (order of `candidates`)."""
     if not candidates:
         raise ValueError("the gate needs at least one candidate version")
-    best = max(candidates, key=score)  # max keeps the first of equals
-    return GateDecision(best, current, current is None or score(best) > score(current))
+    overruns = {c.version: privacy_overrun(c) for c in candidates}
+    refused = tuple(why for why in overruns.values() if why)
+    eligible = [c for c in candidates if not overruns[c.version]]
+    if not eligible:
+        return GateDecision(None, current, False, refused)
+    best = max(eligible, key=score)  # max keeps the first of equals
+    return GateDecision(best, current, current is None or score(best) > score(current), refused)
 
 
 def run_gate(registry: Registry, model_name: str, candidates: list[VersionRecord]) -> GateDecision:

@@ -18,8 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.config import TrainingJobConfig, config_hash
-from cluster.credentials import redact_uri
-from cluster.privacy_record import PrivacyBudget
+from cluster.credentials import redact
+from cluster.privacy_record import DataPrivacy, PrivacyBudget
 
 TAG_PREFIX = "fedforge."
 METRIC_PREFIX = TAG_PREFIX + "metric."
@@ -46,6 +46,7 @@ TRACKED_PACKAGES = (
     "vllm",
 )
 GIT_REVISION_ENV = "FEDFORGE_GIT_REVISION"
+JSON_FIELDS = {"packages", "data_privacy"}  # fields stored as one JSON tag
 
 
 def git_revision() -> str:
@@ -73,7 +74,7 @@ def recorded_config(config: BaseModel) -> BaseModel:
     registry = getattr(config, "registry", None)
     if registry is None or not registry.tracking_uri:
         return config
-    redacted = registry.model_copy(update={"tracking_uri": redact_uri(registry.tracking_uri)})
+    redacted = registry.model_copy(update={"tracking_uri": redact(registry.tracking_uri)})
     return config.model_copy(update={"registry": redacted})
 
 
@@ -103,6 +104,10 @@ class Lineage(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     validation_examples: int | None = None
     privacy: PrivacyBudget | None = None
+    data_privacy: dict[str, DataPrivacy] = Field(
+        default_factory=dict,
+        description="Data source -> epsilon composed over every run on it in the ancestry.",
+    )
     git_revision: str = ""
     packages: dict[str, str] = Field(default_factory=dict)
     python: str = ""
@@ -118,6 +123,7 @@ class Lineage(BaseModel):
         metrics: dict[str, float],
         validation_examples: int,
         privacy: PrivacyBudget | None = None,
+        data_privacy: dict[str, DataPrivacy] | None = None,
     ) -> Lineage:
         """The lineage of a run of `config` (a fine-tune or federated config) made here, now."""
         return cls(
@@ -130,6 +136,7 @@ class Lineage(BaseModel):
             metrics=metrics,
             validation_examples=validation_examples,
             privacy=privacy,
+            data_privacy=data_privacy or {},
             git_revision=git_revision(),
             packages=package_versions(),
             python=platform.python_version(),
@@ -142,7 +149,7 @@ class Lineage(BaseModel):
             if value in (None, "", {}):
                 continue
             tags[TAG_PREFIX + key] = (
-                json.dumps(value, sort_keys=True) if key == "packages" else str(value)
+                json.dumps(value, sort_keys=True) if key in JSON_FIELDS else str(value)
             )
         tags.update({METRIC_PREFIX + k: f"{v:.6g}" for k, v in self.metrics.items()})
         if self.privacy is not None:
@@ -163,8 +170,8 @@ class Lineage(BaseModel):
             elif key.startswith(TAG_PREFIX):
                 fields[key.removeprefix(TAG_PREFIX)] = value
         fields = {k: v for k, v in fields.items() if k in cls.model_fields}
-        if "packages" in fields:
-            fields["packages"] = json.loads(fields["packages"])
+        for key in JSON_FIELDS & fields.keys():
+            fields[key] = json.loads(fields[key])
         fields.setdefault("kind", "unknown")
         fields.setdefault("base_model", "unknown")
         return cls(

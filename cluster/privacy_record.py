@@ -66,6 +66,52 @@ class RoundPrivacy(BaseModel):
         )
 
 
+class DataPrivacy(BaseModel):
+    """What a version's ancestry spent of one data source: the lineage keeps one per source."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epsilon: float | None = Field(
+        description="Composed over every run on this data in the version's ancestry, at `delta`; "
+        "None: the data was used without differential privacy (e.g. central fine-tuning)."
+    )
+    delta: float | None = None
+    budget_epsilon: float | None = Field(None, description="The budget the config set for it.")
+    versions: list[str] = Field(
+        default_factory=list, description="Ancestor versions (name:version) whose runs it composes."
+    )
+
+    @property
+    def over_budget(self) -> float | None:
+        """By how much epsilon exceeds the budget (inf without DP), None when within it."""
+        if self.budget_epsilon is None:
+            return None
+        if self.epsilon is None:
+            return float("inf")
+        return self.epsilon - self.budget_epsilon if self.epsilon > self.budget_epsilon else None
+
+
+def data_source(dataset_sha256: str, share: str) -> str:
+    """A data source's name: the dataset's content hash and which share of it was used."""
+    return f"{dataset_sha256[:16]}/{share}"
+
+
+def sources_overlap(a: str, b: str) -> bool:
+    """Same dataset and a share in common ('all' holds both the central and the clients' share)."""
+    (data_a, share_a), (data_b, share_b) = a.split("/", 1), b.split("/", 1)
+    return data_a == data_b and (share_a == share_b or "all" in (share_a, share_b))
+
+
+class SourceRdp(BaseModel):
+    """The composed RDP curve of one data source (per `RDP_ORDERS`), kept in privacy.json so a
+    version federated from this one can compose further."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rdp: list[float]
+    versions: list[str] = Field(default_factory=list)
+
+
 class PrivacyRecord(PrivacyBudget):
     by_round: list[RoundPrivacy] = Field(default_factory=list)
     clients: dict[str, float] = Field(
@@ -76,11 +122,14 @@ class PrivacyRecord(PrivacyBudget):
         description="Client -> every release charged to it: recompute any epsilon with "
         "Opacus' accountant from these alone.",
     )
+    sources: dict[str, SourceRdp] = Field(
+        default_factory=dict, description="Data source -> its RDP composed over the ancestry."
+    )
 
     @property
     def budget(self) -> PrivacyBudget:
         return PrivacyBudget.model_validate(
-            self.model_dump(exclude={"by_round", "clients", "histories"})
+            self.model_dump(exclude={"by_round", "clients", "histories", "sources"})
         )
 
     def write(self, adapter_dir: Path) -> Path:

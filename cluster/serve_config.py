@@ -67,6 +67,55 @@ class AuthSettings(Section):
     rate_limit_burst: int = Field(
         10, ge=1, description="Requests a key may send at once before the per-minute rate applies."
     )
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per minute each key may ask for, counted when a request is admitted "
+        "as its prompt estimate (characters / 4) plus max_tokens x n (429 + Retry-After past "
+        "it; a key may spend one minute's worth at once). null = no token limit.",
+    )
+    max_tracked_callers: int = Field(
+        10_000,
+        ge=1,
+        description="Callers (keys, or client addresses when no keys are configured) whose "
+        "budgets one ingress replica remembers; past it the least recently seen is forgotten, "
+        "so the table cannot grow without bound.",
+    )
+
+
+class LimitSettings(Section):
+    """The request contract the ingress enforces before a body reaches the engine."""
+
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+    max_json_depth: int = Field(
+        16, ge=4, description="Deepest nesting of objects and arrays a body may have (400)."
+    )
+    max_n: int = Field(4, ge=1, description="Largest `n` (choices per request).")
+    max_logprobs: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Largest `logprobs` (completions) and `top_logprobs` (chat).",
+    )
+    max_prompts: int = Field(
+        16, ge=1, description="Most prompts in one completions request (a list prompt)."
+    )
+    max_messages: int = Field(128, ge=1, description="Most messages in one chat request.")
+    max_prompt_chars: int = Field(
+        32_000,
+        ge=1,
+        description="Most characters of prompt text in one request (all prompts or message "
+        "contents together), refused before anything is tokenised.",
+    )
+    max_request_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Most tokens one request may ask the engine to generate: max_tokens x n "
+        "(without max_tokens, the context length counts). Keeps one caller from holding the "
+        "engine for minutes.",
+    )
 
 
 class AdapterSettings(Section):
@@ -130,6 +179,7 @@ class ServeConfig(Section):
         "`ray start --metrics-export-port` sets it per node.",
     )
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
 
@@ -138,5 +188,12 @@ class ServeConfig(Section):
         if ":" in self.model_id:
             raise ValueError(
                 f"model_id '{self.model_id}' must not contain ':' (it separates adapter versions)"
+            )
+        tokens = self.auth.tokens_per_minute
+        if tokens is not None and tokens < self.limits.max_request_tokens:
+            raise ValueError(
+                f"auth.tokens_per_minute ({tokens}) is below limits.max_request_tokens "
+                f"({self.limits.max_request_tokens}): a request of the allowed size could never "
+                "be admitted; raise the first or lower the second"
             )
         return self

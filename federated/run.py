@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -24,6 +26,7 @@ from cluster.privacy_record import PrivacyRecord
 from cluster.ray_cluster import connect
 from cluster.registry import Registry
 from cluster.state import StateDir
+from federated.ancestry import compose
 from federated.federation import Federation
 from federated.ledger import ServerLedger
 from federated.plan import FederatedPlan
@@ -33,6 +36,7 @@ from federated.protocol import EPSILON, TRAIN_LOSS
 from federated.run_config import RunSpec
 from federated.run_files import RunFiles
 from federated.strategy import RoundReport
+from llm.data import dataset_sha256
 from llm.publish import Published, publish_adapter, tracked_run
 from llm.run_identity import check_or_record
 
@@ -76,12 +80,39 @@ def _round_line(report: RoundReport) -> str:
     return line
 
 
+def _pin_initial_adapter(cfg: FederatedConfig, state: StateDir, files: RunFiles) -> FederatedConfig:
+    """`federation.initial_adapter` as the version it named when the run first started (an
+    alias may move later): the rounds start from it and the lineage composes its privacy."""
+    ref = cfg.federation.initial_adapter
+    if not ref:
+        return cfg
+    pinned = files.root / "initial_adapter"
+    if not pinned.is_file():
+        name, _, alias = ref.rpartition(":")
+        version = Registry.from_settings(cfg.registry, state).get(name, alias).version
+        pinned.write_text(f"{name}:{version}")
+    federation = cfg.federation.model_copy(update={"initial_adapter": pinned.read_text()})
+    return cfg.model_copy(update={"federation": federation})
+
+
+def _ancestor(cfg: FederatedConfig, registry: Registry):
+    """(name:version, its per-source privacy, its privacy record) of the starting adapter."""
+    if not cfg.federation.initial_adapter:
+        return None
+    name, _, version = cfg.federation.initial_adapter.rpartition(":")
+    record = registry.get(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        own = PrivacyRecord.read(registry.download(name, version, Path(tmp)))
+    return cfg.federation.initial_adapter, record.lineage.data_privacy, own
+
+
 def run_federated(
     cfg: FederatedConfig, state: StateDir, address: str | None = None
 ) -> FederatedOutcome:
     model_path = state.base_model(cfg.model.base)
     files = RunFiles(state, cfg.name)
     check_or_record(cfg, files.root, RESUMABLE_KEYS, RESUMABLE_SECTIONS)
+    cfg = _pin_initial_adapter(cfg, state, files)
     ledger = ServerLedger(files.root)
     # A missing dataset, an impossible split or DP target fails here; a resumed run is planned
     # against what its ledger already charged.
@@ -102,9 +133,11 @@ def run_federated(
     files.check_complete(rounds)  # never publish a round whose line or adapter is missing
     adapter_dir = files.adapter_dir(rounds)
     history = [r for r in files.rounds() if r.round <= rounds]
-    privacy = privacy_record(cfg, plan, history, ledger)
-    privacy.write(adapter_dir)  # the guarantee travels with the adapter
     registry = Registry.from_settings(cfg.registry, state)
+    privacy = privacy_record(cfg, plan, history, ledger)
+    spent, curves = compose(cfg, privacy, dataset_sha256(cfg.data.path), _ancestor(cfg, registry))
+    privacy = privacy.model_copy(update={"sources": curves})
+    privacy.write(adapter_dir)  # the guarantee travels with the adapter
     with tracked_run(registry, cfg) as run_id:
         for report in history:
             per_round = {
@@ -125,6 +158,7 @@ def run_federated(
             kind="federated",
             metrics={COMMUNICATION_METRIC: moved / 1e6},
             privacy=privacy.budget,
+            data_privacy=spent,
         )
     return FederatedOutcome(published, privacy)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cluster.config import TrainingJobConfig, dump_config
 from cluster.lineage import CONFIG_FILE, Lineage, recorded_config
-from cluster.privacy_record import PrivacyBudget
+from cluster.privacy_record import DataPrivacy, PrivacyBudget, data_source
 from cluster.registry import Registry, VersionRecord
 from llm.data import dataset_sha256
 from llm.evaluate import EvalResult, evaluate_heldout
@@ -45,21 +45,25 @@ def publish_adapter(
     kind: str,
     metrics: dict[str, float] | None = None,
     privacy: PrivacyBudget | None = None,
+    data_privacy: dict[str, DataPrivacy] | None = None,
 ) -> Published:
     """Evaluate base and adapter on the held-out split, log the metrics to the run, and register
-    the adapter (alias `candidate`) with its lineage."""
+    the adapter (alias `candidate`) with its lineage. Without `data_privacy` the job used its
+    data share without differential privacy, and the lineage says so."""
     print("[fedforge] evaluating base model and adapter on held-out examples", flush=True)
     base = evaluate_heldout(cfg, model_path, None)
     tuned = evaluate_heldout(cfg, model_path, adapter_dir)
     all_metrics = {**tuned.as_metrics(), "base_accuracy": base.accuracy, **(metrics or {})}
     registry.log_metrics(run_id, all_metrics)
+    sha = dataset_sha256(cfg.data.path)
     lineage = Lineage.of_run(
         kind=kind,
         config=cfg,
-        dataset_sha256=dataset_sha256(cfg.data.path),
+        dataset_sha256=sha,
         metrics=all_metrics,
         validation_examples=tuned.examples,
         privacy=privacy,
+        data_privacy=data_privacy or {data_source(sha, cfg.data.share): DataPrivacy(epsilon=None)},
     )
     version = registry.register_adapter(
         cfg.registry.model_name,

@@ -75,7 +75,7 @@ def make_adapter(state: StateDir, finetune_config: str, base: str) -> tuple[Path
     """A LoRA adapter for the served model, registered as ADAPTER (production) in a bench registry.
 
     Its B matrices are random: vLLM runs the same LoRA kernels whatever the values, and the
-    answer must stay non-empty for a fixed 32-token stream (ignore_eos)."""
+    answer must stay non-empty for a fixed 32-token stream (end tokens biased away)."""
     import torch
 
     from cluster.config import FinetuneConfig
@@ -111,13 +111,28 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+# Token ids the model may end an answer with, biased to -100 so every answer runs exactly
+# `--tokens` tokens. OpenAI's `logit_bias`, not vLLM's `ignore_eos`: fedforge's contract refuses
+# vLLM-only fields, and both servers get the same body. Set by main() from the tokenizer.
+END_TOKEN_BIAS: dict[str, int] = {}
+
+
+def end_token_bias(model_dir: str) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = tokenizer.get_vocab()
+    ends = {vocab[t] for t in (tokenizer.eos_token, "<|im_end|>", "<|endoftext|>") if t in vocab}
+    return {str(i): -100 for i in sorted(ends)}
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int):
     body = {
         "model": model,
         "messages": QUESTION,
         "max_tokens": tokens,
         "stream": True,
-        "ignore_eos": True,
+        "logit_bias": END_TOKEN_BIAS,
         "temperature": 0,
     }
     started = time.perf_counter()
@@ -235,6 +250,7 @@ def main() -> None:
     config_path = logs / "serve-one-replica.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(config_path, ServeConfig)
+    END_TOKEN_BIAS.update(end_token_bias(state.base_model(cfg.model.base)))
     engine_env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gb)}
     rows, cold = [], {}
 

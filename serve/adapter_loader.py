@@ -21,6 +21,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from ray.serve.llm import LLMConfig
 
+from cluster.credentials import redact
 from cluster.registry import Registry
 from serve.adapters import parse_engine_id
 from serve.ray_internal import DiskMultiplexConfig, global_id_manager
@@ -68,7 +69,7 @@ class RegistryAdapterLoader:
             except (OSError, TimeoutError, MlflowException) as exc:
                 if attempt == self.max_tries:
                     raise
-                log.warning("fetching %s failed (%s); retrying", lora_model_id, exc)
+                log.warning("fetching %s failed (%s); retrying", lora_model_id, redact(exc))
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
         log.info("adapter %s ready in %.2f s", lora_model_id, time.monotonic() - started)
         return DiskMultiplexConfig(

@@ -18,6 +18,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from cluster.credentials import redact
 from cluster.lineage import Lineage
 from cluster.registry import PRODUCTION, Registry, VersionRecord
 
@@ -149,8 +150,13 @@ class AdapterWatcher:
     def refresh(self) -> None:
         try:
             table = read_table(self.registry, self.source)
-        except Exception:  # the registry is down or mid-migration: keep serving the last table
-            log.exception("reading adapters from the registry failed; keeping the last table")
+        except Exception as exc:  # the registry is down or mid-migration: keep the last table
+            # Not log.exception: the traceback's text may repeat a tracking URI's credentials.
+            log.error(
+                "reading adapters from the registry failed (%s: %s); keeping the last table",
+                type(exc).__name__,
+                redact(exc),
+            )
             return
         for model_id in sorted(table.skipped.keys() - self.table.skipped.keys()):
             log.warning(table.skipped[model_id])  # once, not at every refresh

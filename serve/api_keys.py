@@ -3,27 +3,21 @@ time. A key is never logged; `fedforge` prints hashes, never keys."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from pathlib import Path
 
+from cluster.credentials import HASH_PREFIX, hash_api_key
 from cluster.errors import UserError
 from cluster.serve_config import AuthSettings
-
-HASH_PREFIX = "sha256:"
 
 
 class ApiKeyError(UserError):
     """No usable API key is configured. The message is for users."""
 
 
-def hash_key(key: str) -> str:
-    return HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
-
-
 def _as_hash(entry: str) -> str:
-    return entry if entry.startswith(HASH_PREFIX) else hash_key(entry)
+    return entry if entry.startswith(HASH_PREFIX) else hash_api_key(entry)
 
 
 def load_key_hashes(settings: AuthSettings, environ: dict[str, str] | None = None) -> list[str]:
@@ -48,7 +42,7 @@ def bearer_hash(authorization: str | None) -> str | None:
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
-    return hash_key(key.strip())
+    return hash_api_key(key.strip())
 
 
 def is_authorized(authorization: str | None, key_hashes: list[str]) -> bool:

@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import make_fastapi_ingress
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import load_config
 from cluster.registry import Registry, tracking_uri
@@ -19,11 +20,19 @@ from cluster.state import StateDir
 from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
 from serve.api_keys import load_key_hashes
+from serve.errors import error_for_exception
 from serve.ingress import KeyCheckedIngress
-from serve.ray_internal import DEFAULT_ENDPOINTS, to_model_metadata
+from serve.ray_internal import DEFAULT_ENDPOINTS, fastapi_app, to_model_metadata
 
-# Ray Serve LLM's OpenAI routes plus a readiness route (see KeyCheckedIngress.health).
-ENDPOINTS = {**DEFAULT_ENDPOINTS, "health": lambda app: app.get("/health")}
+# Only the routes KeyCheckedIngress overrides and checks, plus a readiness probe: the stock
+# ingress's other routes (/tokenize, /detokenize, /v1/embeddings, /v1/score, audio) would reach
+# the engine without a key. Every other path gets an OpenAI-shaped 404.
+SERVED = ("models", "model_data", "completions", "chat")
+ENDPOINTS = {
+    **{name: DEFAULT_ENDPOINTS[name] for name in SERVED},
+    "health": lambda app: app.get("/health"),
+}
+DOCS_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ENGINE_SERVER_CLASS = "serve.engine:EngineServer"
 LOCAL_MODEL_CALLBACK = "serve.engine:LocalModelCallback"
 
@@ -106,6 +115,38 @@ def llm_config(cfg: ServeConfig, state: StateDir) -> LLMConfig:
     )
 
 
+async def _http_error(request, exc):
+    return error_for_exception(exc)
+
+
+def ingress_app():
+    """The FastAPI app of the ingress: Ray Serve LLM's (its middleware and metrics), less its
+    API docs (they would list routes without a key), with 404/405 in OpenAI's error shape."""
+    app = fastapi_app()
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", "") not in DOCS_PATHS]
+    app.openapi_url = app.docs_url = app.redoc_url = None
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    return app
+
+
+def ingress_deployment():
+    """KeyCheckedIngress with its routes registered on `ingress_app()` (see ENDPOINTS)."""
+    return make_fastapi_ingress(KeyCheckedIngress, endpoint_map=ENDPOINTS, app=ingress_app())
+
+
+def fair_use(cfg: ServeConfig) -> dict | None:
+    """serve.rate_limit.FairUse's arguments, None when no limit is set."""
+    auth = cfg.auth
+    if not auth.rate_limit_per_minute and not auth.tokens_per_minute:
+        return None
+    return {
+        "requests_per_minute": auth.rate_limit_per_minute,
+        "request_burst": auth.rate_limit_burst,
+        "tokens_per_minute": auth.tokens_per_minute,
+        "max_callers": auth.max_tracked_callers,
+    }
+
+
 def build_app(cfg: ServeConfig, state: StateDir) -> Application:
     """Ray Serve LLM's OpenAI app, composed the way its docs show for a custom ingress
     (build_openai_app takes no extra routes)."""
@@ -114,16 +155,14 @@ def build_app(cfg: ServeConfig, state: StateDir) -> Application:
     # The ingress only routes; with its default CPU a 2-CPU node never schedules it next to
     # the engine replica and its bundle.
     options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
-    ingress = make_fastapi_ingress(KeyCheckedIngress, endpoint_map=ENDPOINTS)
-    return serve.deployment(ingress, **options).bind(
+    return serve.deployment(ingress_deployment(), **options).bind(
         llm_deployments={cfg.model_id: build_llm_deployment(config)},
         model_cards={cfg.model_id: to_model_metadata(cfg.model_id, config)},
         api_key_hashes=load_key_hashes(cfg.auth),
         max_model_len=cfg.engine.max_model_len,
+        limits=cfg.limits,
         adapter_source=adapter_source(cfg, state),
-        rate_limit=(cfg.auth.rate_limit_per_minute, cfg.auth.rate_limit_burst)
-        if cfg.auth.rate_limit_per_minute
-        else None,
+        fair_use=fair_use(cfg),
     )
 
 

@@ -1,12 +1,55 @@
 """The one error shape of the endpoint: OpenAI's `{"error": {message, type, param, code}}`.
 
-Every refusal the ingress makes (401, 404, 400, 429, 503) is built here, so clients written for
-OpenAI's API read fedforge's errors the same way.
+Every refusal the ingress makes is built by `openai_error`, and every exception on the way to or
+from the engine is turned into one by `error_for_exception`, the one place that maps them: what
+callers read never holds internal text (pids, addresses, actor ids, class or module names, file
+paths). The full exception is logged on the ingress replica, with an id the caller also gets.
 """
 
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from serve.ray_internal import OpenAIHTTPException
+from serve.request_fields import BadRequest
+
+log = logging.getLogger(__name__)
+
+# What only the server should see. Checked on any text that did not come from fedforge itself.
+INTERNAL_TEXT = re.compile(
+    r"\.py\b|Traceback|File \"|(?:/[\w.-]+){2,}"  # source and file paths
+    r"|\b(?:ray|vllm|torch|pydantic|starlette|fastapi|uvicorn|serve|cluster|builtins)\.\w"
+    r"|(?-i:\b[A-Z][a-z0-9]+[A-Z][a-z0-9]+\w*)"  # CamelCase class names (RayActorError, ...)
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}\b|\[[0-9a-f:]+\]"  # IPv4 and bracketed IPv6 addresses
+    r"|0x[0-9a-fA-F]{4,}|\bpid\b|\bactor\b|\bnode_id\b|\bworker_id\b"
+    r"|Internal exception|original exception",
+    re.IGNORECASE,
+)
+RAY_WRAPPING = re.compile(r"^Message: |,? ?\(Request ID: [^)]*\)|, Internal exception: .*$", re.S)
+GENERIC = {
+    400: "The request could not be processed; check its parameters.",
+    404: "Not found.",
+    405: "Method not allowed on this route.",
+    408: "The request timed out on the server.",
+    413: "The request body is too large.",
+    429: "Too many requests; retry later.",
+}
 
 
 def openai_error(
@@ -20,3 +63,129 @@ def openai_error(
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def public_text(text: str | None, fallback: str) -> str:
+    """`text` without Ray's wrapping when it holds nothing internal, else `fallback`."""
+    if not isinstance(text, str):
+        return fallback
+    text = RAY_WRAPPING.sub("", text).strip()
+    if not text or len(text) > 500 or INTERNAL_TEXT.search(text):
+        return fallback
+    return text
+
+
+def _server_error(exc: BaseException) -> JSONResponse:
+    incident = uuid.uuid4().hex[:12]
+    log.error("request failed (incident %s)", incident, exc_info=exc)
+    return openai_error(
+        500,
+        f"The server failed to process the request (incident {incident}).",
+        type_="server_error",
+        code="internal_error",
+    )
+
+
+def _unavailable(message: str, code: str, retry_after_s: float | None = None) -> JSONResponse:
+    retry_after = str(max(1, round(retry_after_s or 1)))
+    return openai_error(
+        503, message, type_="server_overloaded", code=code, headers={"Retry-After": retry_after}
+    )
+
+
+def error_for_exception(exc: BaseException) -> JSONResponse:
+    """The OpenAI-shaped answer to any exception raised while handling a request."""
+    if isinstance(exc, BadRequest):
+        return openai_error(exc.status, exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, BackPressureError):  # the engine replicas' queues are full
+        return _unavailable(
+            "The server is at capacity; retry after a short wait.", "queue_full", exc.retry_after_s
+        )
+    # An engine replica died, is restarting, or none is up yet.
+    if isinstance(exc, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError):
+        return _unavailable("The model server is restarting; retry shortly.", "engine_unavailable")
+    if isinstance(exc, asyncio.TimeoutError):
+        return openai_error(408, GENERIC[408], type_="timeout", code="timeout")
+    if isinstance(exc, ClientDisconnect):
+        return openai_error(400, "The client closed the connection.", code="client_disconnected")
+    status, text = None, None
+    if isinstance(exc, OpenAIHTTPException):  # an engine refusal, re-raised by Ray's ingress
+        status, text = exc.status_code, exc.message
+    elif isinstance(exc, HTTPException | StarletteHTTPException):
+        status, text = exc.status_code, exc.detail
+    if not isinstance(status, int) or not 400 <= status < 500:
+        return _server_error(exc)
+    fallback = GENERIC.get(status, GENERIC[400])
+    code = {404: "not_found", 405: "method_not_allowed", 408: "timeout"}.get(status)
+    return openai_error(status, public_text(text, fallback), code=code)
+
+
+def _error_event(error: dict) -> str:
+    return f"data: {json.dumps({'error': error})}\n\n"
+
+
+def _engine_error(text: str) -> tuple[int, str]:
+    """(status, public message) of an engine error event (`data: {"error": ...}`)."""
+    try:
+        error = json.loads(text.removeprefix("data: ").split("\n\n", 1)[0])["error"]
+        message, status = error.get("message"), error.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, status = None, 500
+    if not isinstance(status, int) or not 400 <= status < 500:
+        return 500, "The server failed to finish the answer."
+    return status, public_text(message, GENERIC.get(status, GENERIC[400]))
+
+
+def _public_event(chunk: str | bytes) -> str | bytes:
+    """A stream chunk, with an engine error event's text made public (other chunks unchanged)."""
+    text = chunk.decode(errors="replace") if isinstance(chunk, bytes) else chunk
+    at = text.find('data: {"error"')  # batched chunks hold several events: it may come last
+    if at < 0:
+        return chunk
+    status, message = _engine_error(text[at:])
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    event = {"message": message, "type": kind, "param": None, "code": status}
+    return text[:at] + _error_event(event) + "data: [DONE]\n\n"
+
+
+async def checked_stream(response: StreamingResponse) -> Response:
+    """A streamed answer, or, when the engine refused the request in its first event (vLLM
+    streams its own validation errors, e.g. a token id out of the vocabulary, after a 200), that
+    refusal as a plain OpenAI error with its 4xx status. Later events pass through guard_stream."""
+    chunks = response.body_iterator
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        return response
+    except Exception as exc:  # noqa: BLE001 - nothing is sent yet: answer with a status
+        return error_for_exception(exc)
+    text = first.decode(errors="replace") if isinstance(first, bytes) else first
+    if text.startswith('data: {"error"'):
+        if hasattr(chunks, "aclose"):
+            await chunks.aclose()
+        status, message = _engine_error(text)
+        if status >= 500:
+            return _server_error(RuntimeError(f"engine error event: {text[:2000]}"))
+        return openai_error(status, message)
+
+    async def rejoined():
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    response.body_iterator = guard_stream(rejoined())
+    return response
+
+
+async def guard_stream(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[str | bytes]:
+    """A streamed answer whose error events hold no internal text, and that ends with an error
+    event (not a cut connection) when the engine fails mid-stream."""
+    try:
+        async for chunk in chunks:
+            yield _public_event(chunk)
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; only an event can say it
+        incident = uuid.uuid4().hex[:12]
+        log.error("stream failed (incident %s)", incident, exc_info=exc)
+        message = f"The server failed to finish the answer (incident {incident})."
+        error = {"message": message, "type": "server_error", "param": None, "code": 500}
+        yield _error_event(error) + "data: [DONE]\n\n"

@@ -1,10 +1,13 @@
-"""The OpenAI-compatible ingress: Ray Serve LLM's own, plus API keys and request checks.
+"""The OpenAI-compatible ingress: Ray Serve LLM's own, plus API keys, the contract and fair use.
 
 Ray Serve LLM has no key check (ray-project/ray#55369); its maintainers point to a custom ingress
-class. This one keeps the stock constructor, checks `Authorization: Bearer` on every model route,
-parses bodies itself so bad ones get a 400 (see serve.request_checks), resolves registry adapter
-ids (see serve.adapters), then delegates to the stock handlers. `GET /health` is a readiness
-probe. Every refusal has OpenAI's error shape (serve.errors).
+class. This one keeps the stock constructor and serves only the routes it overrides (serve.app
+registers no others): each checks `Authorization: Bearer` first, then the body against the
+route's contract (serve.request_checks), then the caller's budgets (serve.rate_limit), resolves
+registry adapter ids (serve.adapters), and only then delegates to the stock handler, with the
+caller's credentials removed from what is forwarded to the engine replica. `GET /health` is a
+readiness probe. Every refusal and every exception is answered in OpenAI's error shape
+(serve.errors), never with internal text.
 """
 
 from __future__ import annotations
@@ -13,19 +16,29 @@ import asyncio
 import math
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from cluster.serve_config import LimitSettings
 from serve.adapters import AdapterSource, AdapterTable, AdapterWatcher
 from serve.api_keys import bearer_hash, is_authorized
-from serve.errors import openai_error
-from serve.rate_limit import RateLimiter
+from serve.errors import checked_stream, error_for_exception, openai_error
+from serve.rate_limit import FairUse
 from serve.ray_internal import ModelCard, ModelList
 from serve.relabel import relabel
-from serve.request_checks import BadRequest, parse_body
+from serve.request_checks import Bounds, parse_body
+
+# Never forwarded to the engine replica: the caller's credentials stay at the ingress.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+def engine_request(request: Request) -> Request:
+    """`request` as the engine replica may see it: the same, less the credential headers."""
+    scope = dict(request.scope)
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in CREDENTIAL_HEADERS]
+    return Request(scope, request.receive)
 
 
 class KeyCheckedIngress(OpenAiIngress):
@@ -37,16 +50,17 @@ class KeyCheckedIngress(OpenAiIngress):
         lora_paths=None,
         api_key_hashes=(),
         max_model_len=2048,
+        limits: LimitSettings | None = None,
         adapter_source: AdapterSource | None = None,
-        rate_limit: tuple[float, int] | None = None,
+        fair_use: dict | None = None,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         self._key_hashes = list(api_key_hashes)
-        self._max_model_len = max_model_len
+        self._bounds = Bounds(limits or LimitSettings(), max_model_len)
         (self._base_id,) = self._model_cards  # one base model per app
         self._adapters = AdapterWatcher(adapter_source) if adapter_source else None
-        self._limiter = RateLimiter(*rate_limit) if rate_limit else None
+        self._fair_use = FairUse(**fair_use) if fair_use else None
 
     def _table(self) -> AdapterTable:
         """The current snapshot; take it once per request so one answer sees one table."""
@@ -77,29 +91,40 @@ class KeyCheckedIngress(OpenAiIngress):
             code="invalid_api_key",
         )
 
-    def _over_rate_limit(self, request: Request) -> Response | None:
-        if self._limiter is None:
+    def _caller(self, request: Request) -> str:
+        """Whose budget a request spends: its key's, or with no keys configured its address's
+        (so made-up bearer strings cannot open fresh budgets)."""
+        if self._key_hashes:
+            return bearer_hash(request.headers.get("authorization")) or "anonymous"
+        return "addr:" + (request.client.host if request.client else "unknown")
+
+    def _over_budget(self, request: Request, tokens: int) -> Response | None:
+        if self._fair_use is None:
             return None
-        caller = bearer_hash(request.headers.get("authorization")) or "anonymous"
-        wait_s = self._limiter.wait_s(caller)
-        if not wait_s:
+        refusal = self._fair_use.admit(self._caller(request), tokens)
+        if refusal is None:
             return None
-        retry_after = math.ceil(wait_s)
+        unit = "requests" if refusal.limit == "requests" else "tokens"
+        if math.isinf(refusal.wait_s):
+            return openai_error(
+                400,
+                f"This request may use about {tokens} tokens, more than the "
+                f"{refusal.per_minute:g} tokens per minute allowed; lower max_tokens or n.",
+                param="max_tokens",
+                code="request_over_budget",
+            )
+        retry_after = math.ceil(refusal.wait_s)
         return openai_error(
             429,
-            f"Rate limit reached for this API key ({self._limiter.rate * 60:g} requests per "
-            f"minute); retry after {retry_after} s.",
-            type_="requests",
+            f"Rate limit reached ({refusal.per_minute:g} {unit} per minute); "
+            f"retry after {retry_after} s.",
+            type_=unit,
             code="rate_limit_exceeded",
             headers={"Retry-After": str(retry_after)},
         )
 
-    async def _parsed(self, request: Request, model, kind: str):
-        """(body with the engine's model id, id that answers), or the error response instead."""
-        try:
-            body = await parse_body(request, model, kind, self._max_model_len)
-        except BadRequest as exc:
-            return openai_error(400, exc.message, param=exc.param)
+    def _resolved(self, body) -> tuple[object, str] | Response:
+        """(body with the engine's model id, id that answers), or a 404 for an unknown id."""
         if body.model is None or body.model in self._model_cards:
             return body, self._base_id
         table = self._table()
@@ -117,27 +142,22 @@ class KeyCheckedIngress(OpenAiIngress):
         body = body.model_copy(update={"model": route.engine_id(self._base_id)})
         return body, route.versioned_id
 
-    async def _delegate(self, handler, body, request: Request) -> Response:
-        try:
-            return await handler(body, request)
-        except BackPressureError as exc:  # the engine replicas' queues are full
-            retry_after = str(max(1, round(exc.retry_after_s or 1)))
-            return openai_error(
-                503,
-                "The server is at capacity; retry after a short wait.",
-                type_="server_overloaded",
-                code="queue_full",
-                headers={"Retry-After": retry_after},
-            )
-
     async def _generate(self, handler, request: Request, model, kind: str) -> Response:
-        if refusal := self._refusal(request) or self._over_rate_limit(request):
-            return refusal
-        parsed = await self._parsed(request, model, kind)
-        if isinstance(parsed, Response):
-            return parsed
-        body, answering_id = parsed
-        response = await self._delegate(handler, body, request)
+        try:
+            if refusal := self._refusal(request):
+                return refusal
+            checked = await parse_body(request, model, kind, self._bounds)
+            if refusal := self._over_budget(request, checked.tokens):
+                return refusal
+            resolved = self._resolved(checked.body)
+            if isinstance(resolved, Response):
+                return resolved
+            body, answering_id = resolved
+            response = await handler(body, engine_request(request))
+        except Exception as exc:  # noqa: BLE001 - every failure is answered in one shape
+            return error_for_exception(exc)
+        if isinstance(response, StreamingResponse):
+            response = await checked_stream(response)
         return relabel(response, body.model or self._base_id, answering_id)
 
     async def chat(self, request: Request) -> Response:
@@ -158,7 +178,10 @@ class KeyCheckedIngress(OpenAiIngress):
         card = self._card(model, self._table())
         if card is None:
             return openai_error(
-                404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
+                404,
+                f"The model '{model[:256]}' does not exist.",
+                param="model",
+                code="model_not_found",
             )
         return card
 
@@ -167,9 +190,12 @@ class KeyCheckedIngress(OpenAiIngress):
         ones that do not: the ingress answers (and lists models) well before the engine
         replica has loaded the model. No key needed, like a load balancer's or Kubernetes'
         probe. Read from Serve's controller, so a busy engine still reads as ready."""
-        app_name = serve.get_replica_context().app_name
-        status = await asyncio.to_thread(serve.status)
-        deployments = status.applications[app_name].deployments
+        try:
+            app_name = serve.get_replica_context().app_name
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[app_name].deployments
+        except Exception as exc:  # noqa: BLE001 - answered in the one error shape
+            return error_for_exception(exc)
         waiting = sorted(
             name for name, d in deployments.items() if not d.replica_states.get("RUNNING")
         )

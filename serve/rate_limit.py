@@ -1,29 +1,94 @@
-"""Per-key request rate limit: a token bucket for each API key (by its hash).
+"""Fair use: per-caller budgets of requests and of tokens per minute, as token buckets.
+
+A caller is an API key (by its hash) or, when no keys are configured, the client's address, so
+made-up bearer strings cannot open new budgets. A request is admitted only when both budgets hold
+it, and only then charged: one request, and its tokens as the ingress estimates them before the
+engine sees it (prompt characters / 4 + max_tokens x n). Each table remembers at most
+`max_callers` callers, forgetting the least recently seen, so it cannot grow without bound.
 
 Each ingress replica keeps its own buckets (no shared store on the request path), so with N
-ingress replicas a key gets up to N times the limit; the fedforge app runs one ingress replica.
+ingress replicas a caller gets up to N times the limits; the fedforge app runs one ingress replica.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
-class RateLimiter:
-    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = per_minute / 60  # tokens per second
-        self.burst = burst
+class Buckets:
+    """One token bucket per caller: `capacity` at most, refilled at `per_minute`."""
+
+    def __init__(self, per_minute: float, capacity: float, max_callers: int):
+        self.rate = per_minute / 60  # per second
+        self.capacity = capacity
+        self.max_callers = max_callers
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (level, last update)
+
+    def level(self, caller: str, now: float) -> float:
+        level, last = self._buckets.get(caller, (self.capacity, now))
+        return min(self.capacity, level + (now - last) * self.rate)
+
+    def wait_s(self, caller: str, cost: float, now: float) -> float:
+        """Seconds until `cost` fits (0: now; inf: never, it exceeds the capacity)."""
+        if cost > self.capacity:
+            return math.inf
+        return max(0.0, (cost - self.level(caller, now)) / self.rate)
+
+    def take(self, caller: str, cost: float, now: float) -> None:
+        level = self.level(caller, now) - cost
+        self._buckets.pop(caller, None)  # re-inserted last: dict order is recency order
+        self._buckets[caller] = (level, now)
+        if len(self._buckets) > self.max_callers:
+            del self._buckets[next(iter(self._buckets))]  # the least recently seen
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    wait_s: float  # math.inf when the request can never fit the budget
+    limit: str  # "requests" or "tokens"
+    per_minute: float
+
+
+class FairUse:
+    def __init__(
+        self,
+        requests_per_minute: float | None,
+        request_burst: int,
+        tokens_per_minute: int | None,
+        max_callers: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, last update)
+        self.requests = (
+            Buckets(requests_per_minute, request_burst, max_callers)
+            if requests_per_minute
+            else None
+        )
+        # A key may spend one minute's worth of tokens at once.
+        self.tokens = (
+            Buckets(tokens_per_minute, tokens_per_minute, max_callers)
+            if tokens_per_minute
+            else None
+        )
 
-    def wait_s(self, caller: str) -> float:
-        """0 when `caller` may send a request now (and counts it), else seconds until it may."""
+    def admit(self, caller: str, tokens: int) -> Refusal | None:
+        """None when `caller` may send this request now (and charges it), else why not."""
         now = self.clock()
-        tokens, last = self._buckets.get(caller, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1:
-            self._buckets[caller] = (tokens - 1, now)
-            return 0.0
-        self._buckets[caller] = (tokens, now)
-        return (1 - tokens) / self.rate
+        charges = [(self.requests, 1, "requests"), (self.tokens, tokens, "tokens")]
+        charges = [(bucket, cost, limit) for bucket, cost, limit in charges if bucket is not None]
+        refusals = [
+            Refusal(wait, limit, bucket.rate * 60)
+            for bucket, cost, limit in charges
+            if (wait := bucket.wait_s(caller, cost, now)) > 0
+        ]
+        if refusals:
+            return max(refusals, key=lambda r: r.wait_s)
+        for bucket, cost, _ in charges:
+            bucket.take(caller, cost, now)
+        return None

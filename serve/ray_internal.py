@@ -19,7 +19,9 @@ __all__ = [
     "DiskMultiplexConfig",
     "ModelCard",
     "ModelList",
+    "OpenAIHTTPException",
     "VLLMEngine",
+    "fastapi_app",
     "global_id_manager",
     "to_model_metadata",
 ]
@@ -58,6 +60,12 @@ DEFAULT_ENDPOINTS = _private(
     "DEFAULT_ENDPOINTS",
     "as the stock OpenAI route table that serve.app extends with /health",
 )
+fastapi_app = _private(
+    "serve.core.ingress.ingress",
+    "init",
+    "to build the ingress's FastAPI app with Ray's own middleware (request ids, metrics), "
+    "which serve.app then strips of its API docs",
+)
 ModelCard = _private(
     "serve.core.configs.openai_api_models",
     "ModelCard",
@@ -67,6 +75,11 @@ ModelList = _private(
     "serve.core.configs.openai_api_models",
     "ModelList",
     "as the /v1/models response (Ray exports no public alias)",
+)
+OpenAIHTTPException = _private(
+    "serve.core.configs.openai_api_models",
+    "OpenAIHTTPException",
+    "to map the engine's refusals, which the stock ingress re-raises as it, in serve.errors",
 )
 CallbackBase = _private(
     "common.callbacks.base",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from cluster.config import FinetuneConfig, config_hash
-from cluster.credentials import hash_api_key, redact_uri
+from cluster.credentials import hash_api_key, redact
 from cluster.lineage import Lineage, recorded_config
 from cluster.registry import Registry
 
@@ -13,9 +13,9 @@ SECRET_URI = "https://alice:s3cret@mlflow.example.org:5000/path?x=1"
 
 
 def test_uris_lose_their_credentials_and_nothing_else():
-    assert redact_uri(SECRET_URI) == "https://***@mlflow.example.org:5000/path?x=1"
-    assert redact_uri("http://mlflow:5000") == "http://mlflow:5000"
-    assert redact_uri("sqlite:////srv/state/mlflow.db") == "sqlite:////srv/state/mlflow.db"
+    assert redact(SECRET_URI) == "https://***@mlflow.example.org:5000/path?x=1"
+    assert redact("http://mlflow:5000") == "http://mlflow:5000"
+    assert redact("sqlite:////srv/state/mlflow.db") == "sqlite:////srv/state/mlflow.db"
 
 
 def test_api_keys_are_sent_as_hashes():
@@ -31,7 +31,7 @@ def test_a_run_records_its_config_without_the_tracking_password(empty_state):
     registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
     with tracked_run(registry, cfg) as run_id:
         params = registry.client.get_run(run_id).data.params
-    assert params["config.registry.tracking_uri"] == redact_uri(SECRET_URI)
+    assert params["config.registry.tracking_uri"] == redact(SECRET_URI)
     assert not any("s3cret" in value for value in params.values())
     lineage = Lineage.of_run(
         kind="finetune", config=cfg, dataset_sha256="-", metrics={}, validation_examples=1

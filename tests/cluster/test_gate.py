@@ -9,6 +9,7 @@ import pytest
 from cluster.errors import UserError
 from cluster.gate import decide, run_gate
 from cluster.lineage import Lineage
+from cluster.privacy_record import DataPrivacy
 from cluster.registry import PRODUCTION, Registry, VersionRecord
 
 
@@ -57,3 +58,26 @@ def test_run_gate_promotes_in_the_registry_it_is_given(migrated_mlflow_db, tmp_p
     assert registry.aliases("m")[PRODUCTION] == "2"
     worse = run_gate(registry, "m", versions[:1])
     assert not worse.promote and worse.current.version == "2"
+
+
+def budgeted(version: str, accuracy: float, epsilon: float | None, budget: float) -> VersionRecord:
+    spent = {"ab12/clients": DataPrivacy(epsilon=epsilon, delta=1e-5, budget_epsilon=budget)}
+    lineage = Lineage(
+        kind="federated", base_model="tiny", metrics={"eval_accuracy": accuracy},
+        data_privacy=spent,
+    )  # fmt: skip
+    return VersionRecord("m", version, "run", "src", "adapter-x", lineage)
+
+
+def test_a_version_past_its_privacy_budget_is_never_promoted_and_the_gate_says_by_how_much():
+    over, within = budgeted("2", 0.9, 6.6, 6.0), budgeted("3", 0.8, 5.5, 6.0)
+    decision = decide([over, within], current=None)
+    assert decision.promote and decision.best.version == "3"  # the better one is refused
+    assert "refused v2: its ancestry spent epsilon 6.600 of data ab12/clients, budget 6" in (
+        decision.message
+    )
+    assert "(0.600 over)" in decision.message
+    none_left = decide([over, budgeted("4", 0.95, None, 6.0)], current=record("1", 0.5))
+    assert not none_left.promote and none_left.best is None
+    assert none_left.message.startswith("kept v1 (50.0%); refused v2")
+    assert "v4: its ancestry spent it without DP" in none_left.message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cluster.config import FinetuneConfig
 from cluster.lineage import Lineage
-from cluster.privacy_record import PrivacyBudget, PrivacyRecord, RoundPrivacy
+from cluster.privacy_record import DataPrivacy, PrivacyBudget, PrivacyRecord, RoundPrivacy
 
 
 def test_lineage_of_a_run_records_config_rank_and_environment():
@@ -31,6 +31,15 @@ def test_privacy_budget_round_trips_including_no_dp():
         tags = lineage.to_tags()
         assert tags["fedforge.privacy.mode"] == privacy.mode
         assert Lineage.from_tags(tags).privacy == privacy
+
+
+def test_per_source_privacy_round_trips():
+    spent = {
+        "ab/clients": DataPrivacy(epsilon=4.2, delta=1e-5, budget_epsilon=6, versions=["m:1"]),
+        "ab/central": DataPrivacy(epsilon=None),
+    }
+    lineage = Lineage(kind="federated", base_model="demo", data_privacy=spent)
+    assert Lineage.from_tags(lineage.to_tags()).data_privacy == spent
 
 
 def test_tags_of_older_versions_still_read():

@@ -1,7 +1,8 @@
 import pytest
 
+from cluster.credentials import hash_api_key as hash_key
 from cluster.serve_config import AuthSettings
-from serve.api_keys import ApiKeyError, hash_key, is_authorized, load_key_hashes
+from serve.api_keys import ApiKeyError, is_authorized, load_key_hashes
 
 
 def test_keys_from_env_and_file_are_kept_as_hashes(tmp_path):
