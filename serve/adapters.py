@@ -31,6 +31,9 @@ UNKNOWN_BASE = Lineage.from_tags({}).base_model
 class AdapterRoute:
     name: str
     version: str
+    # What the version's ancestry spent of each data source: (source, epsilon, budget); epsilon
+    # None = used without DP. Shown in the model's metadata on /v1/models.
+    data_privacy: tuple[tuple[str, float | None, float | None], ...] = ()
 
     @property
     def versioned_id(self) -> str:
@@ -115,19 +118,23 @@ def read_table(registry: Registry, source: AdapterSource) -> AdapterTable:
         if reason := _unservable_name(name, source):
             skipped[name] = reason
             continue
-        servable = set()
+        servable: dict[str, AdapterRoute] = {}
         for version in registry.versions(name):
             if not _same_base(version, source):
                 continue  # made for another base model: not this endpoint's, nothing to say
             if reason := _unservable_version(version, source):
                 skipped[f"{name}:{version.version}"] = reason
             else:
-                servable.add(version.version)
-        for version in servable:
-            routes[f"{name}:{version}"] = AdapterRoute(name, version)
+                spent = tuple(
+                    (data, p.epsilon, p.budget_epsilon)
+                    for data, p in sorted(version.lineage.data_privacy.items())
+                )
+                servable[version.version] = AdapterRoute(name, version.version, spent)
+        for version, route in servable.items():
+            routes[f"{name}:{version}"] = route
         production = registry.aliases(name).get(PRODUCTION)
         if production in servable:
-            routes[name] = AdapterRoute(name, production)
+            routes[name] = servable[production]
     return AdapterTable(routes, skipped)
 
 

@@ -78,6 +78,10 @@ class KeyCheckedIngress(OpenAiIngress):
             "adapter": route.name,
             "version": route.version,
             "resolves_to": route.versioned_id,
+            "data_privacy": {
+                data: {"epsilon": epsilon, "budget_epsilon": budget}
+                for data, epsilon, budget in route.data_privacy
+            },
         }
         owner = self._model_cards[self._base_id].owned_by
         return ModelCard(id=model, object="model", owned_by=owner, permission=[], metadata=metadata)

@@ -17,6 +17,8 @@ import pytest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.config import RegistrySettings
+from cluster.lineage import Lineage
+from cluster.privacy_record import DataPrivacy
 from cluster.registry import Registry
 from cluster.serve_config import ServeConfig
 from serve.adapter_loader import RegistryAdapterLoader
@@ -213,3 +215,15 @@ def test_answers_name_the_version_that_answered():
 def test_base_model_id_may_not_contain_the_version_separator():
     with pytest.raises(ValueError, match="must not contain ':'"):
         ServeConfig(model_id="base:1")
+
+
+def test_a_route_carries_what_its_version_spent_of_each_data_source(registry, stub_adapter):
+    spent = {
+        "ab12/clients": DataPrivacy(epsilon=2.99, delta=1e-5, budget_epsilon=6.0),
+        "ab12/central": DataPrivacy(epsilon=None),
+    }
+    lineage = Lineage(kind="federated", base_model="tiny", lora_rank=4, data_privacy=spent)
+    with registry.run("serve-tests", "private", {}) as run_id:
+        registry.register_adapter("private", stub_adapter, run_id, lineage)
+    route = read_table(registry, source(registry)).resolve("private:1")
+    assert route.data_privacy == (("ab12/central", None, None), ("ab12/clients", 2.99, 6.0))
