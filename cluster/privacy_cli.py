@@ -13,9 +13,11 @@ from typing import Annotated
 import typer
 
 from cluster.errors import UserError
-from cluster.options import StateOpt, TrackingOpt
+from cluster.jobs import run_local
+from cluster.options import ConfigOpt, StateOpt, TrackingOpt
 from cluster.privacy_record import PrivacyRecord
 from cluster.registry_cli import open_registry
+from cluster.state import StateDir
 
 privacy_app = typer.Typer(help="Differential-privacy budgets of registered adapters.")
 
@@ -70,3 +72,18 @@ def report(
     if record is None:
         raise UserError(f"{version} has no privacy record (it was not trained federated)")
     typer.echo(render_report(version, record))
+
+
+@privacy_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def audit(ctx: typer.Context, config: ConfigOpt, state_dir: StateOpt = None) -> None:
+    """Empirical check of a federated config's DP: a one-run canary audit (Steinke, Nasr and
+    Jagielski, 2023) giving a lower bound on epsilon to compare with the reported one.
+
+    Other options go to `python -m federated.audit` (--canaries, --guesses, --confidence,
+    --client, --canary-lr, --other-steps, --seed); see docs/PRIVACY.md.
+    """
+    state = StateDir.resolve(state_dir)
+    args = ["--config", str(config), "--state-dir", str(state.root), *ctx.args]
+    code = run_local("federated.audit", args)
+    if code:
+        raise typer.Exit(code)

@@ -163,11 +163,23 @@ def client_ledger(task: NodeTask, rate: float) -> tuple[list[Charge], Attempt]:
 
 def train_for_node(task: NodeTask) -> NodeResult:
     """One SuperNode's round: its data, the global adapter in, its adapter and epsilon out."""
-    cfg, plan = task.run.cfg, task.run.plan
     partition, examples = _local_data(task.run, task.node)
+    return train_on(task, partition, examples)
+
+
+def train_on(
+    task: NodeTask,
+    partition: int,
+    examples: list[Example],
+    train_cfg: FederatedConfig | None = None,
+) -> NodeResult:
+    """A node's round on `examples` (its partition's, or an outside node's own): the ledger
+    charged, local training (DP-SGD under local_dp), the reply. `train_cfg` overrides the run's
+    config for the local training only (the privacy audit gives its canary client more steps)."""
+    cfg = task.run.cfg
     local_dp = cfg.privacy.mode == "local_dp"
     rate = sample_rate(len(examples), cfg.federation.batch_size)
-    if local_dp and partition == OUTSIDE_CLIENT and rate > plan.noise.sample_rate:
+    if local_dp and partition == OUTSIDE_CLIENT and rate > task.run.plan.noise.sample_rate:
         raise TaskRefused(
             f"this client has {len(examples)} examples, fewer than the "
             f"{cfg.flower.external_min_examples} the run's noise was calibrated for "
@@ -175,7 +187,7 @@ def train_for_node(task: NodeTask) -> NodeResult:
         )
     charges, current = client_ledger(task, rate)
     result = train_round(
-        cfg,
+        train_cfg or cfg,
         task.run.state.base_model(cfg.model.base),
         examples,
         data_seed=cfg.federation.seed + partition,

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import cluster.cli
 import cluster.demo
+import cluster.privacy_cli
 from cluster.cli import app
 from cluster.config import RegistrySettings
 from cluster.lineage import Lineage
@@ -95,3 +96,19 @@ def test_a_real_job_reports_the_env_state_dir_it_looked_in(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"the tiny model is not provisioned at {env_dir}/models/" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_privacy_audit_runs_the_audit_job_with_its_options(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        cluster.privacy_cli, "run_local", lambda module, args: calls.append((module, args)) or 0
+    )
+    monkeypatch.setenv("FEDFORGE_STATE_DIR", str(tmp_path / "s"))
+    result = runner.invoke(app, ["privacy", "audit", "--config", "f.yaml", "--canaries", "64"])
+    assert result.exit_code == 0, result.output
+    assert calls == [
+        (
+            "federated.audit",
+            ["--config", "f.yaml", "--state-dir", str(tmp_path / "s"), "--canaries", "64"],
+        )
+    ]
