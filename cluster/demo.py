@@ -163,8 +163,8 @@ class Demo:
         return max(self.registry.versions(self.model_name), key=lambda v: int(v.version))
 
     def fine_tune(self) -> None:
-        config = self._config_file("finetune", self.configs.finetune)
-        self._stage(1, "fine-tune (central share)", "llm.finetune", ["--config", config])
+        args = ["--config", self._config_file("finetune", self.configs.finetune)]
+        self._stage(1, "fine-tune (central share)", "llm.finetune", args)
         self.result.versions["fine-tuned"] = self._newest()
 
     def federate(self) -> None:
@@ -184,8 +184,8 @@ class Demo:
 
     def verify(self) -> None:
         """Evaluate the production version as served: downloaded back from the registry."""
-        config = self._config_file("finetune", self.configs.finetune)
-        args = ["--config", config, "--ref", PRODUCTION]
+        config = self.report_dir / "finetune.yaml"  # written by the fine-tune stage
+        args = ["--config", str(config), "--ref", PRODUCTION]
         self._stage(4, "verify production from the registry", "llm.evaluate_registered", args)
 
     def serve_and_ask(self) -> None:

@@ -53,6 +53,17 @@ def state(empty_state: StateDir, provisioned: StateDir) -> StateDir:
     return empty_state
 
 
+@pytest.fixture
+def stub_adapter(tmp_path: Path) -> Path:
+    """A stub adapter directory (files named like an adapter's, not loadable): for tests of the
+    registry and routing, which store and move adapters but never load them."""
+    adapter = tmp_path / "stub-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"stub")
+    return adapter
+
+
 @pytest.fixture(scope="session")
 def demo_tokenizer(provisioned: StateDir):
     from llm.model import load_tokenizer

@@ -44,7 +44,7 @@ def _state_dir_of(args: list[str]) -> str:
     return args[args.index("--state-dir") + 1]
 
 
-def test_jobs_and_registry_honour_the_env_var(launched, monkeypatch, tmp_path):
+def test_jobs_and_registry_honour_the_env_var(launched, monkeypatch, tmp_path, stub_adapter):
     env_dir = tmp_path / "from-env"
     monkeypatch.setenv("FEDFORGE_STATE_DIR", str(env_dir))
     for command in ("finetune", "federate", "serve"):
@@ -58,13 +58,10 @@ def test_jobs_and_registry_honour_the_env_var(launched, monkeypatch, tmp_path):
 
     # The registry commands read the store the jobs write to.
     state = StateDir.resolve(env_dir)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
     registry = Registry.from_settings(RegistrySettings(), state)
     with registry.run("t", "t", {}) as run_id:
         registry.register_adapter(
-            "env-model", adapter, run_id, Lineage(kind="test", base_model="tiny")
+            "env-model", stub_adapter, run_id, Lineage(kind="test", base_model="tiny")
         )
     listing = runner.invoke(app, ["registry", "list"])
     assert "env-model" in listing.output

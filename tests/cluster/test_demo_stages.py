@@ -42,7 +42,7 @@ def test_every_shipped_profile_loads_as_typed_configs(monkeypatch):
 
 
 def test_gate_reads_and_promotes_in_the_configured_store(
-    empty_state, migrated_mlflow_db, tmp_path, monkeypatch
+    empty_state, migrated_mlflow_db, stub_adapter, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(REPO)
     shutil.copy(migrated_mlflow_db, tmp_path / "second.db")
@@ -50,15 +50,12 @@ def test_gate_reads_and_promotes_in_the_configured_store(
     profile = profile_with(tmp_path, second, second)
     demo = Demo(profile, empty_state, tmp_path / "report")
     (tmp_path / "report").mkdir()
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
     store = Registry(second, tmp_path / "second-artifacts")
     with store.run("demo", "demo", {}) as run_id:
         for stage, accuracy in (("fine-tuned", 0.6), ("federated", 0.75)):
             lineage = Lineage(kind="test", base_model="tiny", metrics={"eval_accuracy": accuracy})
             demo.result.versions[stage] = store.register_adapter(
-                demo.model_name, adapter, run_id, lineage
+                demo.model_name, stub_adapter, run_id, lineage
             )
     demo.gate()
     assert store.aliases(demo.model_name)[PRODUCTION] == "2"

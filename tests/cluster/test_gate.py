@@ -43,15 +43,12 @@ def test_a_version_without_the_metric_cannot_be_judged():
         decide([record("2", None)], None)
 
 
-def test_run_gate_promotes_in_the_registry_it_is_given(migrated_mlflow_db, tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
+def test_run_gate_promotes_in_the_registry_it_is_given(migrated_mlflow_db, stub_adapter, tmp_path):
     shutil.copy(migrated_mlflow_db, tmp_path / "other.db")
     registry = Registry(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "artifacts")
     with registry.run("gate", "gate", {}) as run_id:
         versions = [
-            registry.register_adapter("m", adapter, run_id, record("0", acc).lineage)
+            registry.register_adapter("m", stub_adapter, run_id, record("0", acc).lineage)
             for acc in (0.4, 0.9)
         ]
     assert run_gate(registry, "m", versions).promote

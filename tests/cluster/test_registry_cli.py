@@ -7,11 +7,7 @@ from cluster.registry import Registry
 runner = CliRunner()
 
 
-def registered(empty_state, tmp_path, versions=2) -> Registry:
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
-    (adapter / "adapter_model.safetensors").write_bytes(b"0")
+def registered(empty_state, adapter, versions=2) -> Registry:
     registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
     with registry.run("cli", "cli", {}) as run_id:
         for _ in range(versions):
@@ -28,9 +24,9 @@ def invoke(state, *args):
     return runner.invoke(app, [*args, "--state-dir", str(state.root)])
 
 
-def test_list_promote_rollback_show(empty_state, tmp_path):
+def test_list_promote_rollback_show(empty_state, stub_adapter):
     state = empty_state
-    registered(state, tmp_path)
+    registered(state, stub_adapter)
     listing = invoke(state, "registry", "list")
     assert listing.exit_code == 0
     lines = [line.split() for line in listing.output.splitlines()[1:]]
@@ -47,9 +43,9 @@ def test_list_promote_rollback_show(empty_state, tmp_path):
     assert "fedforge.metric.eval_accuracy: 0.9" in shown.output
 
 
-def test_user_errors_are_one_line_not_a_traceback(empty_state, tmp_path):
+def test_user_errors_are_one_line_not_a_traceback(empty_state, stub_adapter):
     state = empty_state
-    registered(state, tmp_path, versions=1)
+    registered(state, stub_adapter, versions=1)
     result = invoke(state, "registry", "rollback", "demo-model")
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and "no earlier production version" in result.output

@@ -26,12 +26,8 @@ STEPS = (
 
 
 @pytest.fixture
-def adapter(tmp_path) -> Path:
-    path = tmp_path / "adapter"
-    path.mkdir()
-    (path / "adapter_config.json").write_text("{}")
-    (path / "adapter_model.safetensors").write_bytes(b"weights")
-    return path
+def adapter(stub_adapter) -> Path:
+    return stub_adapter
 
 
 @pytest.fixture

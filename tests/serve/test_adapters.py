@@ -41,16 +41,6 @@ def registry(empty_state) -> Registry:
     return Registry.from_settings(RegistrySettings(), empty_state)
 
 
-@pytest.fixture
-def stub_adapter(tmp_path) -> Path:
-    """A stub adapter directory: the registry stores its files and never reads them."""
-    adapter = tmp_path / "stub-adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"r": 4}')
-    (adapter / "adapter_model.safetensors").write_bytes(b"stub")
-    return adapter
-
-
 def source(registry: Registry, **kw) -> AdapterSource:
     return AdapterSource(tracking_uri=registry.tracking_uri, base_id=BASE, **kw)
 

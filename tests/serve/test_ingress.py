@@ -155,13 +155,14 @@ def test_a_stream_that_fails_ends_with_an_error_event_without_internals():
             assert marker not in text
 
 
+def budgets(**given) -> dict:
+    """The ingress' fair-use settings: nothing limited but what a test gives."""
+    defaults = {"requests_per_minute": None, "request_burst": 1, "tokens_per_minute": None}
+    return {**defaults, "max_callers": 100, **given}
+
+
 def test_requests_and_tokens_get_429_with_retry_after():
-    fair_use = {
-        "requests_per_minute": 60,
-        "request_burst": 2,
-        "tokens_per_minute": None,
-        "max_callers": 100,
-    }
+    fair_use = budgets(requests_per_minute=60, request_burst=2)
 
     async def go():
         client, _ = ingress_client(fair_use=fair_use)
@@ -179,12 +180,7 @@ def test_requests_and_tokens_get_429_with_retry_after():
 
 
 def test_token_budget_counts_max_tokens_times_n():
-    fair_use = {
-        "requests_per_minute": None,
-        "request_burst": 1,
-        "tokens_per_minute": 100,
-        "max_callers": 100,
-    }
+    fair_use = budgets(tokens_per_minute=100)
 
     async def go():
         client, _ = ingress_client(fair_use=fair_use)
@@ -205,12 +201,7 @@ def test_token_budget_counts_max_tokens_times_n():
 
 
 def test_without_keys_budgets_are_per_client_address_not_per_bearer_string():
-    fair_use = {
-        "requests_per_minute": 60,
-        "request_burst": 2,
-        "tokens_per_minute": None,
-        "max_callers": 100,
-    }
+    fair_use = budgets(requests_per_minute=60, request_burst=2)
 
     async def go():
         client, _ = ingress_client(keys=(), fair_use=fair_use)
