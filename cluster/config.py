@@ -118,6 +118,20 @@ class RegistrySettings(Section):
     )
 
 
+class CardSettings(Section):
+    """What a version's model card says that no lineage can: written by people, for readers."""
+
+    intended_use: str | None = Field(
+        None, description="What the adapter is for (tasks, users, languages), in a sentence or two."
+    )
+    limitations: str | None = Field(
+        None, description="Known failure modes, uses it is not fit for, and risks."
+    )
+    data_description: str | None = Field(
+        None, description="Where the training data comes from, what it holds, and its licence."
+    )
+
+
 class TrainingJobConfig(Section):
     """The sections every job that produces an adapter shares (fine-tuning, federated rounds)."""
 
@@ -131,6 +145,10 @@ class TrainingJobConfig(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    card: CardSettings = Field(
+        default_factory=CardSettings,
+        description="Model card text for every version this job registers (optional).",
+    )
 
 
 class FinetuneConfig(TrainingJobConfig):

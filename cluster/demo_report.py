@@ -1,4 +1,5 @@
-"""The demo's summary table and its report directory (Markdown + PNG plots).
+"""The demo's summary table and its report directory (Markdown + PNG plots, the new versions'
+model cards and the model's alias history).
 
 Numbers come from where the jobs put them: accuracy and epsilon from the registered versions'
 lineage tags, loss and epsilon curves from their MLflow runs, latencies from the demo requests.
@@ -131,15 +132,53 @@ def _plot_latency(result: DemoResult, path: Path) -> None:
     plt.close(fig)
 
 
+def _governance(registry: Registry, result: DemoResult, out: Path, model_name: str) -> str:
+    """Write each new version's model card and the model's alias history (with the log's
+    verification) next to the report; return the report's section linking them."""
+    cards = []
+    for stage, record in result.versions.items():
+        path = out / f"model-card-{model_name}-v{record.version}.md"
+        path.write_text(registry.card(record))
+        cards.append(f"- {stage}: [{model_name} v{record.version}]({path.name})")
+    check = registry.verify(model_name)
+    verdict = (
+        f"intact: {check.entries} entries, head sha256 `{check.head_sha256}`"
+        if check.ok
+        else f"FAILED: {check.problems[0]}"
+    )
+    lines = [entry.line() for entry in registry.history(model_name)]
+    history = out / "alias-history.md"
+    history.write_text(
+        f"# Alias history and audit log of `{model_name}`\n\n"
+        f"`fedforge registry verify {model_name}`: {verdict}\n\n"
+        + "\n".join(f"- `{line}`" for line in lines)
+        + "\n"
+    )
+    return "\n".join(
+        [
+            "## Governance",
+            "",
+            "Model cards (`fedforge registry show NAME VERSION --card`):",
+            "",
+            *cards,
+            "",
+            f"Alias history and audit log (`fedforge registry history {model_name}`): "
+            f"[{history.name}]({history.name}), log {verdict.split(':')[0]}.",
+        ]
+    )
+
+
 def write_report(
     result: DemoResult, registry: Registry, state: StateDir, out: Path, model_name: str
 ) -> Path:
-    """Markdown report with three PNGs in `out`; returns the report's path."""
+    """Markdown report with three PNGs, the new versions' model cards and the model's alias
+    history in `out`; returns the report's path."""
     _plot_training(registry, result.versions["fine-tuned"].run_id, out / "training_loss.png")
     _plot_federated(registry, result.versions["federated"].run_id, out / "federated.png")
     _plot_latency(result, out / "latency.png")
     table = "\n".join(f"| {k} | {v} |" for k, v in summary_rows(result, model_name))
     answers = "\n".join(f"| {q} | `{a}` |" for q, a in result.answers)
+    governance = _governance(registry, result, out, model_name)
     report = out / "report.md"
     report.write_text(
         f"""# fedforge demo report
@@ -163,6 +202,8 @@ Registry: `fedforge registry list {model_name} --state-dir {state.root}`
 ![federated loss and epsilon](federated.png)
 
 ![latency](latency.png)
+
+{governance}
 
 Stage logs: the `*.log` files next to this report.
 """

@@ -1,7 +1,8 @@
 """The promotion gate: a new version reaches `production` only if it beats the one there.
 
 `decide` is the rule, a pure function of lineage records; `run_gate` applies it to a registry
-(read the current production version, decide, promote).
+(read the current production version, decide, record the decision on the versions it judged,
+promote with the decision as the audit log's reason).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def run_gate(registry: Registry, model_name: str, candidates: list[VersionRecord
     current_ref = registry.aliases(model_name).get(PRODUCTION)
     current = registry.get(model_name, current_ref) if current_ref else None
     decision = decide(candidates, current)
+    registry.record_gate(model_name, [c.version for c in candidates], decision.message)
     if decision.promote:
-        registry.promote(model_name, decision.best.version)
+        registry.promote(model_name, decision.best.version, reason=f"gate: {decision.message}")
     return decision

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +29,11 @@ PRIVACY_PREFIX = TAG_PREFIX + "privacy."
 ARTIFACT_PATH_TAG = TAG_PREFIX + "artifact_path"
 PRODUCTION_HISTORY_TAG = TAG_PREFIX + "production_history"
 REGISTRATION_TAG = TAG_PREFIX + "registration"  # "pending" until its last step, then "complete"
+GATE_TAG = TAG_PREFIX + "gate"  # on a version the gate judged: "<UTC time> <its decision>"
+AUDIT_HEAD_TAG = TAG_PREFIX + "audit_head"  # on a model: "<seq> <sha256>" of its last log entry
+AUDIT_MODEL_TAG = TAG_PREFIX + "audit_model"  # on the MLflow run that holds a model's audit log
 CONFIG_FILE = "fedforge_config.yaml"  # the job's config, registered beside the adapter
+MODEL_CARD_FILE = "MODEL_CARD.md"  # the version's model card, registered beside the adapter
 # A federated version's metric: adapter tensors moved between server and clients, in MB, over
 # every round and both directions (FlowerTune reports communication beside accuracy).
 COMMUNICATION_METRIC = "communication_mb"
@@ -78,6 +83,16 @@ def recorded_config(config: BaseModel) -> BaseModel:
     return config.model_copy(update={"registry": redacted})
 
 
+def data_size(path: str) -> int | None:
+    """Bytes of the data at `path` (a file, or every file under a directory); None if absent."""
+    data = Path(path)
+    if data.is_file():
+        return data.stat().st_size
+    if data.is_dir():
+        return sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
+    return None
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in TRACKED_PACKAGES:
@@ -98,6 +113,9 @@ class Lineage(BaseModel):
     run_name: str = ""
     lora_rank: int | None = Field(None, description="LoRA r: the engine must allow it.")
     dataset_sha256: str = ""
+    dataset_bytes: int | None = Field(
+        None, description="Size of the data at data.path (a directory: all its files), in bytes."
+    )
     config_sha256: str = Field(
         "", description=f"sha256 of the job config, registered beside the adapter as {CONFIG_FILE}."
     )
@@ -132,6 +150,7 @@ class Lineage(BaseModel):
             run_name=config.name,
             lora_rank=config.lora.r,
             dataset_sha256=dataset_sha256,
+            dataset_bytes=data_size(config.data.path),
             config_sha256=config_hash(recorded_config(config)),
             metrics=metrics,
             validation_examples=validation_examples,

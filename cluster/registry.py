@@ -2,8 +2,11 @@
 
 Default store: SQLite and local artifacts under the state dir; a tracking URI in the config
 points at a real MLflow server instead. A version is registered all-or-nothing (if any step
-after its creation fails, it is deleted again), old versions are never removed, and the
-`production` alias keeps a history so `rollback` can move it back.
+after its creation fails, it is deleted again) with its model card beside the adapter
+(`cluster/model_card.py`); versions are never removed unless `delete` is asked to; the
+`production` alias keeps a history so `rollback` can move it back. Every register, promote,
+rollback and delete is written to the model's audit log (`cluster/audit_log.py`) before the
+alias moves or the version goes, so no change made through fedforge is missing from it.
 """
 
 from __future__ import annotations
@@ -25,14 +28,19 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from cluster.audit_log import AuditEntry, AuditLog, LogCheck, sha256, utc_now
 from cluster.config import RegistrySettings
 from cluster.errors import UserError
 from cluster.lineage import (
     ARTIFACT_PATH_TAG,
+    CONFIG_FILE,
+    GATE_TAG,
+    MODEL_CARD_FILE,
     PRODUCTION_HISTORY_TAG,
     REGISTRATION_TAG,
     Lineage,
 )
+from cluster.model_card import lifecycle, render_card
 from cluster.state import StateDir
 
 log = logging.getLogger(__name__)
@@ -140,18 +148,20 @@ class Registry:
         lineage: Lineage,
         alias: str | None = CANDIDATE,
         files: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> VersionRecord:
         """Upload `adapter_dir` (plus `files`, name -> text, beside it) to the run and register
-        it as a new version of `name`.
+        it as a new version of `name`, with its model card, logged in the audit trail.
 
         The version is created `pending` and marked complete as the last step: a registration
         killed half-way leaves a version no reader serves or promotes, and the next one works.
         """
         check_model_name(name)
+        files = files or {}
         artifact_path = f"adapter-{uuid.uuid4().hex[:12]}"
         # Artifacts first: a failure here leaves an orphan upload in the run, never a version.
         self.client.log_artifacts(run_id, str(adapter_dir), artifact_path)
-        for filename, text in (files or {}).items():
+        for filename, text in files.items():
             self.client.log_text(run_id, text, f"{artifact_path}/{filename}")
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         try:
@@ -161,17 +171,46 @@ class Registry:
                 raise
         tags = {**lineage.to_tags(), ARTIFACT_PATH_TAG: artifact_path, REGISTRATION_TAG: PENDING}
         version = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        number, logged = str(version.version), False
         try:
-            if alias:
-                self.client.set_registered_model_alias(name, alias, version.version)
-            self.client.set_model_version_tag(name, version.version, REGISTRATION_TAG, COMPLETE)
-        except BaseException:
-            log.error(
-                "registering %s v%s failed; removing the partial version", name, version.version
+            card = render_card(
+                name=name,
+                version=number,
+                run_id=run_id,
+                lineage=lineage,
+                config_text=files.get(CONFIG_FILE),
+                registered_at=utc_now(),
             )
-            self.client.delete_model_version(name, version.version)
+            self.client.log_text(run_id, card, f"{artifact_path}/{MODEL_CARD_FILE}")
+            with self._alias_lock(name):
+                previous = self.aliases(name).get(alias) if alias else None
+                details = {
+                    "run_id": run_id,
+                    "kind": lineage.kind,
+                    "card_sha256": sha256(card),
+                    **({"run_name": lineage.run_name} if lineage.run_name else {}),
+                    **({"config_sha256": lineage.config_sha256} if lineage.config_sha256 else {}),
+                }
+                self._audit(name).append(
+                    "register",
+                    number,
+                    alias=alias,
+                    previous=previous,
+                    new=number if alias else None,
+                    reason=reason,
+                    details=details,
+                )
+                logged = True
+                if alias:
+                    self.client.set_registered_model_alias(name, alias, number)
+            self.client.set_model_version_tag(name, number, REGISTRATION_TAG, COMPLETE)
+        except BaseException as exc:
+            log.error("registering %s v%s failed; removing the partial version", name, number)
+            self.client.delete_model_version(name, number)
+            if logged:  # the log says what became of the version it announced
+                self._log_quietly(name, "delete", number, f"registration failed: {exc!r}"[:200])
             raise
-        return self.get(name, version.version)
+        return self.get(name, number)
 
     def versions(self, name: str) -> list[VersionRecord]:
         """The complete versions of `name`, oldest first."""
@@ -228,6 +267,103 @@ class Registry:
             path = f"{record.artifact_path}/{filename}"
             return Path(self.client.download_artifacts(record.run_id, path, tmp)).read_text()
 
+    def _read_optional(self, record: VersionRecord, filename: str) -> str | None:
+        try:
+            return self.read_text(record, filename)
+        except (MlflowException, OSError):
+            return None
+
+    # -- model cards --------------------------------------------------------------------------
+
+    def card(self, record: VersionRecord) -> str:
+        """The version's model card as stored at registration (generated now, and said so, for
+        a version older than stored cards), followed by what happened to it since."""
+        stored = self._read_optional(record, MODEL_CARD_FILE)
+        entries = self.history(record.name)
+        registered = next(
+            (
+                e
+                for e in reversed(entries)
+                if e.action == "register" and e.version == record.version
+            ),
+            None,
+        )
+        logged = registered.details.get("card_sha256") if registered else None
+        if stored is None:
+            check = "generated now: the version predates stored model cards"
+            stored = render_card(
+                name=record.name,
+                version=record.version,
+                run_id=record.run_id,
+                lineage=record.lineage,
+                config_text=self._read_optional(record, CONFIG_FILE),
+                registered_at=registered.time if registered else None,
+            )
+        elif logged is None:
+            check = f"stored at registration ({MODEL_CARD_FILE}); no sha256 of it was logged"
+        elif logged == sha256(stored):
+            check = f"stored at registration ({MODEL_CARD_FILE}), matches the logged sha256"
+        else:
+            check = f"CHANGED since registration: its sha256 is not the logged {logged[:16]}..."
+        try:
+            aliases = sorted(a for a, v in self.aliases(record.name).items() if v == record.version)
+            tags = self.client.get_model_version(record.name, record.version).tags
+        except MlflowException:  # a record of a version no longer (or never) in this registry
+            aliases, tags = [], {}
+        mine = [e.line() for e in entries if record.version in (e.version, e.previous, e.new)]
+        return stored + lifecycle(
+            as_of=utc_now(), aliases=aliases, gate=tags.get(GATE_TAG), card_check=check, events=mine
+        )
+
+    def record_gate(self, name: str, versions: list[str], decision: str) -> None:
+        """Keep the gate's decision on every version it judged (shown on their model cards)."""
+        for version in versions:
+            self.client.set_model_version_tag(name, version, GATE_TAG, f"{utc_now()} {decision}")
+
+    # -- audit trail --------------------------------------------------------------------------
+
+    def _audit(self, name: str) -> AuditLog:
+        location = (self.artifact_root / "audit").as_uri() if self.artifact_root else None
+        return AuditLog(self.client, name, location)
+
+    def _log_quietly(self, name: str, action: str, version: str, reason: str) -> None:
+        try:
+            self._audit(name).append(action, version, reason=reason)
+        except Exception:  # noqa: BLE001 - already failing; the original error is raised
+            log.exception("could not log %s of %s v%s", action, name, version)
+
+    def history(self, name: str) -> list[AuditEntry]:
+        """The model's audit log, oldest first (`verify` says whether it is intact)."""
+        return self._audit(name).entries()
+
+    def verify(self, name: str, anchor: str | None = None) -> LogCheck:
+        """Check the model's audit log: the hash chain, its head, an earlier recorded head hash
+        (`anchor`), and that `production` points where the log's last move left it."""
+        audit = self._audit(name)
+        check = audit.check(anchor)
+        if check.entries == 0 and not check.problems:
+            return LogCheck(0, None, [f"'{name}' has no audit log"])
+        if not check.ok:
+            return check
+        moves = [e for e in audit.entries() if e.alias == PRODUCTION]
+        try:
+            current = self.aliases(name).get(PRODUCTION)
+        except MlflowException:
+            current = None
+        logged = moves[-1].new if moves else None
+        if current != logged:
+            where = f"v{current}" if current else "nothing"
+            said = f"v{logged} (entry #{moves[-1].seq})" if moves else "nowhere"
+            return LogCheck(
+                check.entries,
+                check.head_sha256,
+                [
+                    f"production points at {where}, but the log's last production move is to "
+                    f"{said}: moved outside fedforge (e.g. MLflow's UI), or a move did not finish"
+                ],
+            )
+        return check
+
     # -- aliases ------------------------------------------------------------------------------
 
     def _production(self, name: str) -> list[str]:
@@ -244,16 +380,25 @@ class Registry:
         self.client.set_registered_model_tag(name, PRODUCTION_HISTORY_TAG, json.dumps(history))
         self.client.set_registered_model_alias(name, PRODUCTION, history[-1])
 
-    def promote(self, name: str, ref: str | int) -> VersionRecord:
+    def promote(self, name: str, ref: str | int, reason: str | None = None) -> VersionRecord:
         """Point `production` at a complete version (number or alias, e.g. `candidate`)."""
         with self._alias_lock(name):
             version = self.get(name, ref)
             history = self._production(name)
             if not history or history[-1] != version.version:
+                self._audit(name).append(
+                    "promote",
+                    version.version,
+                    alias=PRODUCTION,
+                    previous=self.aliases(name).get(PRODUCTION),
+                    new=version.version,
+                    reason=reason,
+                    details={} if str(ref) == version.version else {"ref": str(ref)},
+                )
                 self._move_production(name, [*history, version.version])
         return version
 
-    def rollback(self, name: str) -> tuple[VersionRecord, list[str]]:
+    def rollback(self, name: str, reason: str | None = None) -> tuple[VersionRecord, list[str]]:
         """Move `production` back to the latest earlier version that still exists; returns it
         and the versions skipped on the way (deleted since they served)."""
         with self._alias_lock(name):
@@ -265,15 +410,52 @@ class Registry:
                 except RegistryError:
                     skipped.append(history[i])
                     continue
+                self._audit(name).append(
+                    "rollback",
+                    target.version,
+                    alias=PRODUCTION,
+                    previous=self.aliases(name).get(PRODUCTION),
+                    new=target.version,
+                    reason=reason,
+                    details={"skipped": ",".join(skipped)} if skipped else {},
+                )
                 self._move_production(name, history[: i + 1])
                 return target, skipped
         gone = f" (v{', v'.join(skipped)} no longer exist)" if skipped else ""
         raise RegistryError(f"'{name}' has no earlier production version to roll back to{gone}")
 
+    def delete(self, name: str, version: str | int, reason: str | None = None) -> list[str]:
+        """Delete one version (its run's files stay); refused while `production` points at it.
+        Returns the aliases that pointed at it (MLflow drops them with the version)."""
+        number = str(version)
+        if not number.isdigit():
+            raise RegistryError(f"delete takes a version number, not an alias ('{version}')")
+        with self._alias_lock(name):
+            try:
+                self.client.get_model_version(name, number)
+            except MlflowException:
+                raise RegistryError(f"no version '{number}' of model '{name}'") from None
+            aliases = sorted(a for a, v in self.aliases(name).items() if v == number)
+            if PRODUCTION in aliases:
+                raise RegistryError(
+                    f"v{number} of '{name}' is in production: promote another version or roll "
+                    "back first"
+                )
+            self._audit(name).append(
+                "delete",
+                number,
+                alias=",".join(aliases) or None,
+                previous=number if aliases else None,
+                reason=reason,
+            )
+            self.client.delete_model_version(name, number)
+        return aliases
+
     @contextmanager
     def _alias_lock(self, name: str) -> Iterator[None]:
-        """Serialise alias moves of this store's `name` between processes on this host (the
-        default SQLite store); an MLflow server has no lock to take, and the last move wins."""
+        """Serialise alias moves and audit-log appends of this store between processes on this
+        host (the default SQLite store); an MLflow server has no lock to take: the last move
+        wins, and the audit log orders appends itself (write-once slots)."""
         db = self.tracking_uri.removeprefix("sqlite:///")
         if db == self.tracking_uri:
             yield

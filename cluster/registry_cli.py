@@ -1,4 +1,5 @@
-"""`fedforge registry ...`: list, show, promote and roll back adapter versions."""
+"""`fedforge registry ...`: list, show (with the model card), promote, roll back and delete
+adapter versions; the audit log's history and its verification."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from cluster.lineage import CONFIG_FILE
 from cluster.options import ModelNameArg, StateOpt, TrackingOpt, VersionRefArg
 from cluster.registry import PRODUCTION, Registry, VersionRecord
 from cluster.state import StateDir
+
+ReasonOpt = Annotated[
+    str | None,
+    typer.Option("--reason", help="Why: recorded in the model's audit log (history)."),
+]
 
 registry_app = typer.Typer(
     help="Registered adapter versions and their aliases.", no_args_is_help=True
@@ -69,10 +75,17 @@ def show(
     config: Annotated[
         bool, typer.Option("--config", help="Print the job config it was trained with.")
     ] = False,
+    card: Annotated[
+        bool,
+        typer.Option("--card", help="Print its model card (Markdown) and what happened since."),
+    ] = False,
 ) -> None:
     """Every lineage field of one version (as its MLflow tags)."""
     registry = open_registry(tracking_uri, state_dir)
     record = registry.get(name, ref)
+    if card:
+        typer.echo(registry.card(record), nl=False)
+        return
     if config:
         typer.echo(registry.read_text(record, CONFIG_FILE), nl=False)
         return
@@ -92,17 +105,67 @@ def promote(
     ref: VersionRefArg,
     tracking_uri: TrackingOpt = None,
     state_dir: StateOpt = None,
+    reason: ReasonOpt = None,
 ) -> None:
     """Point `production` at a version."""
-    record = open_registry(tracking_uri, state_dir).promote(name, ref)
+    record = open_registry(tracking_uri, state_dir).promote(name, ref, reason=reason)
     typer.echo(f"{name}: {PRODUCTION} -> v{record.version}")
 
 
 @registry_app.command()
 def rollback(
-    name: ModelNameArg, tracking_uri: TrackingOpt = None, state_dir: StateOpt = None
+    name: ModelNameArg,
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    reason: ReasonOpt = None,
 ) -> None:
     """Move `production` back to the version it pointed at before the last promote."""
-    record, skipped = open_registry(tracking_uri, state_dir).rollback(name)
+    record, skipped = open_registry(tracking_uri, state_dir).rollback(name, reason=reason)
     gone = f"; skipped v{', v'.join(skipped)}: deleted" if skipped else ""
     typer.echo(f"{name}: {PRODUCTION} -> v{record.version} (rolled back{gone})")
+
+
+@registry_app.command()
+def delete(
+    name: ModelNameArg,
+    version: Annotated[str, typer.Argument(help="Version number (not an alias).")],
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    reason: ReasonOpt = None,
+) -> None:
+    """Delete a version that is not in production (its run's files and its log entries stay)."""
+    aliases = open_registry(tracking_uri, state_dir).delete(name, version, reason=reason)
+    dropped = f" (alias {', '.join(aliases)} removed with it)" if aliases else ""
+    typer.echo(f"{name}: deleted v{version}{dropped}")
+
+
+@registry_app.command()
+def history(
+    name: ModelNameArg, tracking_uri: TrackingOpt = None, state_dir: StateOpt = None
+) -> None:
+    """The model's audit log: every register, promote, rollback and delete, oldest first."""
+    entries = open_registry(tracking_uri, state_dir).history(name)
+    if not entries:
+        typer.echo(f"no audit log entries for '{name}'")
+    for entry in entries:
+        typer.echo(entry.line())
+
+
+@registry_app.command()
+def verify(
+    name: ModelNameArg,
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    head: Annotated[
+        str | None,
+        typer.Option("--head", help="A head sha256 recorded earlier: it must still be in the log."),
+    ] = None,
+) -> None:
+    """Check the audit log's hash chain; exit 1 naming the first bad entry."""
+    check = open_registry(tracking_uri, state_dir).verify(name, anchor=head)
+    if not check.ok:
+        typer.echo(f"audit log of '{name}' FAILED verification: {check.problems[0]}", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"audit log of '{name}' intact: {check.entries} entries, head sha256 {check.head_sha256}"
+    )

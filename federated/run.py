@@ -43,7 +43,7 @@ from llm.run_identity import check_or_record
 # What may change when a run is submitted again: how many rounds, how it is served and judged,
 # and where round 0 came from (read only when no round is saved yet).
 RESUMABLE_KEYS = {"federation.rounds", "federation.initial_adapter"}
-RESUMABLE_SECTIONS = ("eval.", "registry.", "flower.")
+RESUMABLE_SECTIONS = ("eval.", "registry.", "flower.", "card.")
 
 
 @dataclass(frozen=True)

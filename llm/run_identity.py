@@ -28,7 +28,7 @@ MUTABLE = {
     "scaling.cpus_per_worker",
     "scaling.use_gpu",
 }
-MUTABLE_SECTIONS = ("eval.", "registry.")
+MUTABLE_SECTIONS = ("eval.", "registry.", "card.")  # what is reported, not trained
 
 
 class RunMismatchError(UserError):

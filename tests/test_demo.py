@@ -63,7 +63,26 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     [report_dir] = (state.reports).glob("demo-*")
     for name in ("report.md", "training_loss.png", "federated.png", "latency.png"):
         assert (report_dir / name).stat().st_size > 0, name
-    assert "held-out accuracy" in (report_dir / "report.md").read_text()
+    report_text = (report_dir / "report.md").read_text()
+    assert "held-out accuracy" in report_text
+    # Governance: each new version's model card and the model's alias history, linked and whole.
+    for version in (fine, fed):
+        card_file = f"model-card-fedforge-tiny-v{version.version}.md"
+        assert f"]({card_file})" in report_text, card_file
+        card = (report_dir / card_file).read_text()
+        assert card.startswith(f"# Model card: `fedforge-tiny` v{version.version}")
+        assert version.lineage.dataset_sha256 in card and "| base model |" in card
+        assert "matches the logged sha256" in card and "- promotion gate: " in card
+        assert "not judged by the gate" not in card
+    fed_card = (report_dir / f"model-card-fedforge-tiny-v{fed.version}.md").read_text()
+    assert f"| epsilon | {fed.lineage.privacy.epsilon:.4g} |" in fed_card
+    assert "](alias-history.md)" in report_text
+    history = (report_dir / "alias-history.md").read_text()
+    assert "`fedforge registry verify fedforge-tiny`: intact" in history
+    assert f"promote v{production} production: - -> v{production}  reason: gate: promoted" in (
+        history
+    )
+    assert registry.verify("fedforge-tiny").ok
 
     assert not [p for p in DEMO_PORTS if _listening(p)], "the demo left a port open"
     stray = subprocess.run(
