@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from serve_harness import end_token_bias
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -115,15 +116,6 @@ def stop(proc: subprocess.Popen) -> None:
 # `--tokens` tokens. OpenAI's `logit_bias`, not vLLM's `ignore_eos`: fedforge's contract refuses
 # vLLM-only fields, and both servers get the same body. Set by main() from the tokenizer.
 END_TOKEN_BIAS: dict[str, int] = {}
-
-
-def end_token_bias(model_dir: str) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab = tokenizer.get_vocab()
-    ends = {vocab[t] for t in (tokenizer.eos_token, "<|im_end|>", "<|endoftext|>") if t in vocab}
-    return {str(i): -100 for i in sorted(ends)}
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int):

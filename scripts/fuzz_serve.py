@@ -20,38 +20,15 @@ import platform
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
-import psutil
+from hypothesis import HealthCheck, given, settings
+from serve_harness import normal_request, replica_rss_mb, start_endpoint
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-from tests.serve.fake_engine import INTERNAL  # noqa: E402
-from tests.serve.hostile import bodies  # noqa: E402
+from tests.serve.fake_engine import INTERNAL
+from tests.serve.hostile import bodies
 
 ROUTES = {"chat": "/chat/completions", "completion": "/completions"}
-REPLICAS = {"ingress": "KeyCheckedIngress", "engine": "EngineServer"}
-
-
-def replica_rss_mb() -> dict[str, float]:
-    """Resident memory of this host's ingress and engine replica processes (with children)."""
-    found: dict[str, float] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        title = " ".join(proc.info["cmdline"] or [])
-        for role, marker in REPLICAS.items():
-            if "ServeReplica" in title and marker in title:
-                try:
-                    procs = [proc, *proc.children(recursive=True)]
-                    found[role] = (
-                        found.get(role, 0) + sum(p.memory_info().rss for p in procs) / 2**20
-                    )
-                except psutil.Error:
-                    pass
-    return {k: round(v, 1) for k, v in found.items()}
 
 
 def problem(response: httpx.Response, sent: str) -> str | None:
@@ -101,39 +78,6 @@ def fuzz(url: str, key: str, model: str, kind: str, cases: int, report: dict) ->
     }
 
 
-def normal_request(url: str, key: str, model: str) -> dict:
-    """A plain chat request: {"status", "answered"} (and the body's start when unanswered)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    response = httpx.post(
-        url + ROUTES["chat"], json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
-    )
-    answered = response.status_code == 200 and bool(response.json().get("choices"))
-    found = {"status": response.status_code, "answered": answered}
-    return found if answered else {**found, "body": response.text[:300]}
-
-
-def start_endpoint(config: str, key: str):
-    """A local Ray head with the endpoint of `config`; returns (url, model id, stop)."""
-    import ray
-    from ray import serve
-
-    from cluster.config import load_config
-    from cluster.serve_config import ServeConfig
-    from cluster.state import StateDir
-    from serve.deploy import deploy
-
-    os.environ["FEDFORGE_API_KEYS"] = key
-    cfg = load_config(config, ServeConfig)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    url = deploy(cfg, StateDir.resolve(None))
-
-    def stop() -> None:
-        serve.shutdown()
-        ray.shutdown()
-
-    return url, cfg.model_id, stop
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/serve/tiny.yaml")
@@ -146,7 +90,8 @@ def main() -> int:
     if args.url:
         url, model = args.url, args.model
     else:
-        url, model, stop = start_endpoint(args.config, args.key)
+        url, cfg, stop = start_endpoint(args.config, args.key)
+        model = cfg.model_id
     model = args.model or model
     try:
         report: dict = {

@@ -26,6 +26,7 @@ from ray.serve.exceptions import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from serve.engine_watch import EngineDown
 from serve.ray_internal import OpenAIHTTPException
 from serve.request_fields import BadRequest
 
@@ -102,7 +103,9 @@ def error_for_exception(exc: BaseException) -> JSONResponse:
             "The server is at capacity; retry after a short wait.", "queue_full", exc.retry_after_s
         )
     # An engine replica died, is restarting, or none is up yet.
-    if isinstance(exc, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError):
+    if isinstance(
+        exc, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError | EngineDown
+    ):
         return _unavailable("The model server is restarting; retry shortly.", "engine_unavailable")
     if isinstance(exc, asyncio.TimeoutError):
         return openai_error(408, GENERIC[408], type_="timeout", code="timeout")
@@ -148,13 +151,14 @@ def _public_event(chunk: str | bytes) -> str | bytes:
     return text[:at] + _error_event(event) + "data: [DONE]\n\n"
 
 
-async def checked_stream(response: StreamingResponse) -> Response:
+async def checked_stream(response: StreamingResponse, until=None) -> Response:
     """A streamed answer, or, when the engine refused the request in its first event (vLLM
     streams its own validation errors, e.g. a token id out of the vocabulary, after a 200), that
-    refusal as a plain OpenAI error with its 4xx status. Later events pass through guard_stream."""
+    refusal as a plain OpenAI error with its 4xx status. Later events pass through guard_stream.
+    `until` (EngineWatch.unless_down) bounds the wait for the first event."""
     chunks = response.body_iterator
     try:
-        first = await anext(chunks)
+        first = await (until(anext(chunks)) if until else anext(chunks))
     except StopAsyncIteration:
         return response
     except Exception as exc:  # noqa: BLE001 - nothing is sent yet: answer with a status

@@ -24,6 +24,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from cluster.serve_config import LimitSettings
 from serve.adapters import AdapterSource, AdapterTable, AdapterWatcher
 from serve.api_keys import bearer_hash, is_authorized
+from serve.engine_watch import EngineDown, EngineWatch, engine_is_down
 from serve.errors import checked_stream, error_for_exception, openai_error
 from serve.rate_limit import FairUse
 from serve.ray_internal import ModelCard, ModelList
@@ -61,6 +62,18 @@ class KeyCheckedIngress(OpenAiIngress):
         (self._base_id,) = self._model_cards  # one base model per app
         self._adapters = AdapterWatcher(adapter_source) if adapter_source else None
         self._fair_use = FairUse(**fair_use) if fair_use else None
+        self._engine = self._engine_watch()
+
+    @staticmethod
+    def _engine_watch() -> EngineWatch | None:
+        """A watch on the engine's health, when this runs as a Serve replica (not in tests that
+        build the ingress alone)."""
+        try:
+            context = serve.get_replica_context()
+        except Exception:  # noqa: BLE001 - Serve raises when not inside a replica
+            return None
+        app, ingress = context.app_name, context.deployment
+        return EngineWatch(lambda: engine_is_down(serve.status, app, ingress))
 
     def _table(self) -> AdapterTable:
         """The current snapshot; take it once per request so one answer sees one table."""
@@ -157,11 +170,16 @@ class KeyCheckedIngress(OpenAiIngress):
             if isinstance(resolved, Response):
                 return resolved
             body, answering_id = resolved
-            response = await handler(body, engine_request(request))
+            if self._engine is None:
+                response = await handler(body, engine_request(request))
+            elif self._engine.down:
+                raise EngineDown
+            else:
+                response = await self._engine.unless_down(handler(body, engine_request(request)))
         except Exception as exc:  # noqa: BLE001 - every failure is answered in one shape
             return error_for_exception(exc)
         if isinstance(response, StreamingResponse):
-            response = await checked_stream(response)
+            response = await checked_stream(response, self._engine and self._engine.unless_down)
         return relabel(response, body.model or self._base_id, answering_id)
 
     async def chat(self, request: Request) -> Response:
@@ -189,26 +207,32 @@ class KeyCheckedIngress(OpenAiIngress):
             )
         return card
 
-    async def health(self) -> Response:
-        """200 once every deployment of this app has a running replica, else 503 naming the
-        ones that do not: the ingress answers (and lists models) well before the engine
-        replica has loaded the model. No key needed, like a load balancer's or Kubernetes'
-        probe. Read from Serve's controller, so a busy engine still reads as ready."""
+    async def health(self, request: Request) -> Response:
+        """200 once every deployment of this app has a running replica, else 503: the ingress
+        answers (and lists models) well before the engine replica has loaded the model. No key
+        needed, like a load balancer's or Kubernetes' probe; the deployment names, which tell
+        how the app is built, only to a caller with a valid key. Read from Serve's controller,
+        so a busy engine still reads as ready."""
         try:
             app_name = serve.get_replica_context().app_name
             status = await asyncio.to_thread(serve.status)
             deployments = status.applications[app_name].deployments
         except Exception as exc:  # noqa: BLE001 - answered in the one error shape
             return error_for_exception(exc)
+        detailed = is_authorized(request.headers.get("authorization"), self._key_hashes)
         waiting = sorted(
             name for name, d in deployments.items() if not d.replica_states.get("RUNNING")
         )
         if waiting:
+            which = f" for {', '.join(waiting)}" if detailed else ""
             return openai_error(
                 503,
-                f"Not ready: no running replica yet for {', '.join(waiting)}.",
+                f"Not ready: no running replica yet{which}.",
                 type_="service_unavailable",
                 code="not_ready",
                 headers={"Retry-After": "5"},
             )
-        return JSONResponse({"status": "ok", "deployments": sorted(deployments)})
+        body = {"status": "ok"}
+        if detailed:
+            body["deployments"] = sorted(deployments)
+        return JSONResponse(body)

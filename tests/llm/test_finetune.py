@@ -104,3 +104,41 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, state):
     assert resumed_at >= 4 and resumed_at % 4 == 0 and resumed_at <= killed_at
     steps = [s for s, _ in steps_logged(second_log)]
     assert steps == list(range(resumed_at + 1, 25))
+
+
+def test_a_killed_worker_is_replaced_and_the_run_goes_on_from_its_last_checkpoint(tmp_path, state):
+    import psutil
+
+    config = tiny_config(tmp_path, max_steps=24, checkpoint_every=4)  # scaling.max_failures: 1
+    snapshot = state.ray_storage / "tiny-finetune" / "checkpoint_manager_snapshot.json"
+    log = tmp_path / "job.log"
+    job = start_job(config, state, log)
+    deadline = time.monotonic() + 300
+    while not snapshot.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert snapshot.exists(), log.read_text()[-3000:]
+    workers = [
+        p
+        for p in psutil.Process(job.pid).children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    killed_at = max(s for s, _ in steps_logged(log))
+    workers[-1].kill()  # one rank dies mid-run; the other is left running
+    killed = time.monotonic()
+
+    assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finished_in = time.monotonic() - killed
+    resumed = re.findall(r"resumed from checkpoint at step (\d+)", log.read_text())
+    assert len(resumed) == 1, log.read_text()[-3000:]
+    resumed_at = int(resumed[0])
+    print(
+        f"\nworker killed after step {killed_at}; group restarted from step {resumed_at}; "
+        f"run finished {finished_in:.0f} s after the kill"
+    )
+    assert 4 <= resumed_at <= killed_at + 4 and resumed_at % 4 == 0
+    steps = [s for s, _ in steps_logged(log)]
+    # Steps up to the kill, then the replaced group from the checkpoint on: none skipped.
+    assert steps[-(24 - resumed_at) :] == list(range(resumed_at + 1, 25)), steps
+    (version,) = Registry(state.default_tracking_uri()).versions("fedforge-tiny")
+    assert version.lineage.metrics["eval_loss"] > 0

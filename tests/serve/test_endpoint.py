@@ -117,12 +117,12 @@ def test_models_lists_the_served_model(endpoint):
     assert [m["id"] for m in listed["data"]][0] == MODEL
 
 
-def test_health_needs_no_key_and_reports_every_deployment_ready(endpoint):
-    reply = httpx.get(endpoint.removesuffix("/v1") + "/health")
-    assert reply.status_code == 200
-    body = reply.json()
-    assert body["status"] == "ok"
-    assert any("EngineServer" in name for name in body["deployments"])
+def test_health_needs_no_key_and_names_the_deployments_only_to_a_key(endpoint):
+    anonymous = httpx.get(endpoint.removesuffix("/v1") + "/health")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}
+    keyed = httpx.get(endpoint.removesuffix("/v1") + "/health", headers=auth())
+    assert keyed.status_code == 200
+    assert any("EngineServer" in name for name in keyed.json()["deployments"])
 
 
 def test_cpu_engine_runs_its_model_worker_inside_the_engine_core(endpoint):

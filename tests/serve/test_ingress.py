@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
+from serve.engine_watch import EngineDown
 from serve.ray_internal import OpenAIHTTPException
 from tests.serve.fake_engine import (
     BASE,
@@ -100,6 +101,7 @@ CONTEXT_MESSAGE = (
         (RecursionError("maximum recursion depth exceeded"), 500, "internal_error"),
         (BackPressureError(num_queued_requests=3, max_queued_requests=2), 503, "queue_full"),
         (ActorDiedError(), 503, "engine_unavailable"),
+        (EngineDown(), 503, "engine_unavailable"),
         (TimeoutError(), 408, "timeout"),
     ],
     ids=[
@@ -110,6 +112,7 @@ CONTEXT_MESSAGE = (
         "recursion",
         "queue",
         "died",
+        "engine-down",
         "timeout",
     ],
 )

@@ -28,7 +28,8 @@ KEY = "sk-replicas"
 def poll_health(url: str, seen: list[tuple[int, dict]], stop: threading.Event) -> None:
     while not stop.is_set():
         try:
-            reply = httpx.get(url, timeout=10)
+            # With the key: the not-ready message names the deployments only to a key holder.
+            reply = httpx.get(url, timeout=10, headers={"Authorization": f"Bearer {KEY}"})
             seen.append((reply.status_code, reply.json()))
         except (httpx.HTTPError, ValueError):  # proxy not up yet, or not our route yet
             pass
