@@ -15,7 +15,8 @@ from typer.core import TyperGroup
 
 from cluster.errors import UserError
 from cluster.jobs import run_local, submit_and_follow
-from cluster.options import ConfigOpt, JobAddressOpt, StateOpt
+from cluster.k8s_cli import k8s_app
+from cluster.options import ConfigOpt, JobAddressOpt, StateOpt, TrackingOpt
 from cluster.privacy_cli import privacy_app
 from cluster.registry_cli import registry_app
 from cluster.state import StateDir
@@ -42,6 +43,7 @@ app = typer.Typer(
 )
 app.add_typer(registry_app, name="registry")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(k8s_app, name="k8s")
 
 
 def run_module(module: str, *args: str, address: str | None = None) -> None:
@@ -89,8 +91,11 @@ def demo(
         bool, typer.Option("--keep-serving", help="Keep the endpoint up after the demo.")
     ] = False,
     address: JobAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
-    """The main job: fine-tune, federate with DP, gate, serve, and ask the served adapter."""
+    """The main job: fine-tune, federate with DP, gate, serve, and ask the served adapter.
+
+    On a cluster (--address), give an MLflow server every node reaches (--tracking-uri)."""
     from cluster.demo import PROFILES, run_demo
 
     if profile not in PROFILES:
@@ -99,7 +104,7 @@ def demo(
     if profile != "gpu":  # the gpu profile names a hub model
         provision = ["--tiny"] if profile == "tiny" else []
         run_module("llm.demo_model", *provision, "--state-dir", str(state.root))
-    code = run_demo(PROFILES[profile], state, keep_serving, address)
+    code = run_demo(PROFILES[profile], state, keep_serving, address, tracking_uri)
     if code:
         raise typer.Exit(code)
 

@@ -53,14 +53,23 @@ class Profile:
     serve: Path
     requests: int  # demo requests sent to the endpoint (latency statistics)
 
-    def load(self) -> StageConfigs:
+    def load(self, tracking_uri: str | None = None) -> StageConfigs:
         """The three stage configs, validated, and checked to share one registry: the gate
-        compares versions that both training stages registered in it."""
-        configs = StageConfigs(
+        compares versions that both training stages registered in it. `tracking_uri` (an
+        MLflow server every node of a cluster reaches) replaces each stage's registry.tracking_uri.
+        """
+        loaded = [
             load_config(self.finetune, FinetuneConfig),
             load_config(self.federated, FederatedConfig),
             load_config(self.serve, ServeConfig),
-        )
+        ]
+        if tracking_uri:
+            registry = {"tracking_uri": tracking_uri}
+            loaded = [
+                c.model_copy(update={"registry": c.registry.model_copy(update=registry)})
+                for c in loaded
+            ]
+        configs = StageConfigs(*loaded)
         stores = {
             self.finetune: configs.finetune.registry.tracking_uri,
             self.federated: configs.federated.registry.tracking_uri,
@@ -100,9 +109,11 @@ class StageFailed(RuntimeError):
 
 
 class Demo:
-    def __init__(self, profile: Profile, state: StateDir, report_dir: Path) -> None:
+    def __init__(
+        self, profile: Profile, state: StateDir, report_dir: Path, tracking_uri: str | None = None
+    ) -> None:
         self.profile = profile
-        self.configs = profile.load()
+        self.configs = profile.load(tracking_uri)
         self.state = state
         self.report_dir = report_dir
         self.registry = Registry.from_settings(self.configs.finetune.registry, state)
@@ -267,13 +278,18 @@ class Demo:
 
 
 def run_demo(
-    profile: Profile, state: StateDir, keep_serving: bool, address: str | None = None
+    profile: Profile,
+    state: StateDir,
+    keep_serving: bool,
+    address: str | None = None,
+    tracking_uri: str | None = None,
 ) -> int:
     """The whole demo; returns the exit code. Every stage's Ray job shows on the dashboard.
 
     Without `address` it starts (and at the end stops) a local Ray head; with a job address
     (http://head:8265) it submits the stages to that cluster, whose nodes run the cluster's
-    `python`, and calls the endpoint on the head's host.
+    `python`, and calls the endpoint on the head's host. `tracking_uri` names the registry for
+    every stage (on a cluster: an MLflow server, which every node reaches).
     """
     import ray
     from ray.job_submission import JobSubmissionClient
@@ -283,7 +299,7 @@ def run_demo(
     started = time.monotonic()
     report_dir = state.reports / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     report_dir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(profile, state, report_dir)
+    demo = Demo(profile, state, report_dir, tracking_uri)
     if address:
         demo.client, demo.python = JobSubmissionClient(address), "python"
         demo.host = urlparse(address).hostname or "127.0.0.1"
