@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with one NVIDIA GPU and PyPI access: installs the `gpu` extra,
-# runs a few fine-tuning steps on a GPU Ray Train worker, one federated round with two GPU
-# SuperNodes (DP-SGD), then serves on the GPU vLLM and benches it against bare vLLM on the same
-# GPU. Prints one table; about 8 minutes on one GPU.
+# times LoRA steps of the training code on the GPU (no Ray), runs a few fine-tuning steps on a
+# GPU Ray Train worker, one federated round with two GPU SuperNodes (DP-SGD), then serves on
+# the GPU vLLM and benches it against bare vLLM on the same GPU. Prints one table; about 8
+# minutes on one GPU.
 #
 #   bash scripts/gpu_check.sh            # the check
 #   bash scripts/gpu_check.sh --dry-run  # configs load, commands resolve; needs no GPU
@@ -55,10 +56,12 @@ for module in llm.finetune federated.run serve.deploy; do
   "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" \
     || { echo "[gpu-check] module $module does not resolve"; exit 1; }
 done
-for script in scripts/bench_serve.py; do
+for script in scripts/bench_serve.py scripts/gpu_train_step.py; do
   [ -f "$script" ] || { echo "[gpu-check] $script missing"; exit 1; }
 done
 
+# The training step alone on the GPU first: a broken GPU path fails here in a minute, no Ray.
+stage train-step "$PY" scripts/gpu_train_step.py --model .fedforge/models/smollm2-135m-instruct
 stage finetune "$PY" -m llm.finetune --config "$OUT/finetune.yaml" --state-dir .fedforge
 stage federated "$PY" -m federated.run --config "$OUT/federated.yaml" --state-dir .fedforge
 stage bench "$PY" scripts/bench_serve.py --config "$OUT/serve.yaml" \
