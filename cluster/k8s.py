@@ -217,9 +217,9 @@ def _ray_service(
 
 def _fleet_service(cluster: str, profile: str, port: int) -> dict:
     """Outside SuperNodes reach the SuperLink here, on the head, where the federated job's
-    driver runs (a RayJob's entrypoint runs on the head). This holds only while the SuperLink's
-    actor is pinned to the driver's node: Ray's default scheduling alone puts a zero-CPU actor
-    on any node (2 of 10 landed on the driver's in a 3-node test)."""
+    driver runs (a RayJob's entrypoint runs on the head): federated.federation pins the
+    SuperLink's actor to the driver's node (Ray's default scheduling alone put a zero-CPU actor
+    on the driver's node 2 times in 10 in a 3-node test)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",

@@ -75,7 +75,10 @@ class Federation:
 
     def _start_superlink(self) -> None:
         flower = self.cfg.flower
-        self.link = FlowerHost.remote()
+        # On the job's own node (the head, under `ray job submit` or a KubeRay RayJob): where a
+        # VM's open port or the generated Fleet API Service sends outside SuperNodes.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.link = FlowerHost.options(scheduling_strategy=here).remote()
         self.link_ip, self.link_node = ray.get(self.link.node.remote())
         if not flower.secure:  # nobody outside this machine may reach an open Fleet API
             self.link_ip = "127.0.0.1"
