@@ -17,7 +17,7 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-from mlflow import MlflowClient, flush_async_logging
+from mlflow import MlflowClient, flush_async_logging, set_tracking_uri
 from mlflow.entities import Metric
 from peft import set_peft_model_state_dict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -152,7 +152,11 @@ def train_worker(loop_config: dict) -> None:
         if new_checkpoint is not None:  # Ray Train has copied it into the run's storage
             shutil.rmtree(new_checkpoint.path, ignore_errors=True)
     if mlflow:
-        flush_async_logging()  # the worker process ends with this function
+        # The worker process ends with this function. flush_async_logging() flushes the store
+        # of the fluent API's tracking URI (stores are cached per URI): point it at the run's,
+        # or it opens a default ./mlflow.db and the client's queue is never flushed.
+        set_tracking_uri(loop_config["tracking_uri"])
+        flush_async_logging()
 
 
 def make_trainer(
