@@ -64,7 +64,10 @@ class EngineWatch:
                 down = False
             if down and not self._down.is_set():
                 log.warning("no engine replica runs: answering 503 until one does")
-            self._down.set() if down else self._down.clear()
+            if down:
+                self._down.set()
+            else:
+                self._down.clear()
             await asyncio.sleep(POLL_S)
 
     async def unless_down(self, call: Awaitable):

@@ -49,6 +49,17 @@ def start_job(config: Path, state, log: Path) -> subprocess.Popen:
     )
 
 
+def start_until_first_checkpoint(config: Path, state, log: Path) -> subprocess.Popen:
+    """Start the job and return once Ray Train has recorded its first checkpoint."""
+    snapshot = state.ray_storage / "tiny-finetune" / "checkpoint_manager_snapshot.json"
+    job = start_job(config, state, log)
+    deadline = time.monotonic() + 300
+    while not snapshot.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert snapshot.exists(), log.read_text()[-3000:]
+    return job
+
+
 def steps_logged(log: Path) -> list[tuple[int, float]]:
     pattern = re.compile(r"\[fedforge\] step (\d+)/\d+ loss ([0-9.]+)")
     return [(int(m[1]), float(m[2])) for m in pattern.finditer(log.read_text())]
@@ -83,13 +94,8 @@ def test_two_worker_run_lowers_the_loss_and_registers_lineage(tmp_path, state):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, state):
     config = tiny_config(tmp_path, max_steps=24, checkpoint_every=4)
-    snapshot = state.ray_storage / "tiny-finetune" / "checkpoint_manager_snapshot.json"
     first_log = tmp_path / "first.log"
-    job = start_job(config, state, first_log)
-    deadline = time.monotonic() + 300
-    while not snapshot.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert snapshot.exists(), first_log.read_text()[-3000:]
+    job = start_until_first_checkpoint(config, state, first_log)
     os.killpg(job.pid, signal.SIGKILL)  # the driver, its Ray head and every worker
     job.wait()
     killed_at = max(s for s, _ in steps_logged(first_log))
@@ -110,13 +116,8 @@ def test_a_killed_worker_is_replaced_and_the_run_goes_on_from_its_last_checkpoin
     import psutil
 
     config = tiny_config(tmp_path, max_steps=24, checkpoint_every=4)  # scaling.max_failures: 1
-    snapshot = state.ray_storage / "tiny-finetune" / "checkpoint_manager_snapshot.json"
     log = tmp_path / "job.log"
-    job = start_job(config, state, log)
-    deadline = time.monotonic() + 300
-    while not snapshot.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert snapshot.exists(), log.read_text()[-3000:]
+    job = start_until_first_checkpoint(config, state, log)
     workers = [
         p
         for p in psutil.Process(job.pid).children(recursive=True)

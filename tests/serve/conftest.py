@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,26 @@ from cluster.registry import Registry
 from cluster.state import StateDir
 
 TINY_RANK = 4  # the rank of `tiny_adapters`, within configs/serve/tiny.yaml's max_lora_rank
+
+
+@contextmanager
+def serving(cfg, state: StateDir, key: str, **ray_options) -> Iterator[str]:
+    """The endpoint of `cfg` on a fresh local Ray head, with `key` as its only API key; yields
+    its base URL and shuts Serve and Ray down afterwards."""
+    import ray
+    from ray import serve
+
+    from serve.deploy import deploy
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("FEDFORGE_API_KEYS", key)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, **ray_options)
+    try:
+        yield deploy(cfg, state)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        monkeypatch.undo()
 
 
 @pytest.fixture(scope="session")

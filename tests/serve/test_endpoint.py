@@ -16,14 +16,12 @@ import psutil
 import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
-from ray import serve
 
 from cluster.config import RegistrySettings, load_config
 from cluster.registry import Registry
 from cluster.serve_config import ServeConfig
-from serve.deploy import deploy
 from serve.relabel import MODEL_HEADER
-from tests.serve.conftest import register
+from tests.serve.conftest import register, serving
 from tests.serve.fake_engine import NOT_SERVED, assert_openai_error, served_routes
 from tests.serve.hostile import bodies
 
@@ -40,8 +38,6 @@ def registry(tmp_path_factory) -> Registry:
 
 @pytest.fixture(scope="module")
 def endpoint(provisioned, registry, tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("FEDFORGE_API_KEYS", KEY)
     cfg = load_config("configs/serve/tiny.yaml", ServeConfig)
     cache = tmp_path_factory.mktemp("adapter-cache")
     cfg = cfg.model_copy(
@@ -50,15 +46,8 @@ def endpoint(provisioned, registry, tmp_path_factory):
             "adapters": cfg.adapters.model_copy(update={"cache_dir": str(cache)}),
         }
     )
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=cfg.metrics_port
-    )
-    try:
-        yield deploy(cfg, provisioned)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        monkeypatch.undo()
+    with serving(cfg, provisioned, KEY, _metrics_export_port=cfg.metrics_port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

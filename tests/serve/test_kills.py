@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 import pytest
-import ray
-from ray import serve
 
 from cluster.config import load_config
 from cluster.serve_config import ServeConfig
 from scripts.serve_harness import replica_processes
+from tests.serve.conftest import serving
 from tests.serve.fake_engine import assert_openai_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -37,20 +36,11 @@ CALLERS = 4
 
 @pytest.fixture(scope="module")
 def endpoint(provisioned):
-    from serve.deploy import deploy
-
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("FEDFORGE_API_KEYS", KEY)
     cfg = load_config("configs/serve/tiny.yaml", ServeConfig)
     # Room for the load: four callers must not be refused by the queue bound itself.
     cfg = cfg.model_copy(update={"http_port": PORT, "max_queued_requests": 16})
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        yield deploy(cfg, provisioned)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        monkeypatch.undo()
+    with serving(cfg, provisioned, KEY) as url:
+        yield url
 
 
 @dataclass
