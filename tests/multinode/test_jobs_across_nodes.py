@@ -11,6 +11,7 @@ replica with its 2-CPU bundle) fills one worker node, and two of them must land 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,19 @@ def _newest(registry: Registry):
     return max(registry.versions(MODEL), key=lambda v: int(v.version))
 
 
+def submit(command: str, config: Path, cluster: LocalCluster, state) -> str:
+    """`fedforge <command>` sent to the cluster as a Ray job; waits for it, returns its id."""
+    started = time.monotonic()
+    out = fedforge(
+        command, "--config", str(config), "--state-dir", str(state.root),
+        "--address", cluster.dashboard, timeout=600,
+    )  # fmt: skip
+    print(f"[multinode] {command} job: {time.monotonic() - started:.0f} s")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    [job] = submission_ids(out.stdout)
+    return job
+
+
 def test_finetune_workers_run_on_two_nodes(local_cluster: LocalCluster, cluster_state, tmp_path):
     config = job_config(
         "finetune",
@@ -49,14 +63,7 @@ def test_finetune_workers_run_on_two_nodes(local_cluster: LocalCluster, cluster_
         train={"max_steps": 4, "checkpoint_every": 4},  # placement is the point, not accuracy
         eval={"max_examples": 4},
     )
-    started = time.monotonic()
-    out = fedforge(
-        "finetune", "--config", str(config), "--state-dir", str(cluster_state.root),
-        "--address", local_cluster.dashboard, timeout=600,
-    )  # fmt: skip
-    print(f"[multinode] fine-tune job: {time.monotonic() - started:.0f} s")
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    [job] = submission_ids(out.stdout)
+    job = submit("finetune", config, local_cluster, cluster_state)
 
     workers = [a for a in job_actors(local_cluster, job) if a.class_name == "RayTrainWorker"]
     nodes = {a.node_id for a in workers}
@@ -92,14 +99,7 @@ def test_supernodes_train_on_two_nodes(local_cluster: LocalCluster, cluster_stat
         },
         eval={"max_examples": 4},
     )
-    started = time.monotonic()
-    out = fedforge(
-        "federate", "--config", str(config), "--state-dir", str(cluster_state.root),
-        "--address", local_cluster.dashboard, timeout=600,
-    )  # fmt: skip
-    print(f"[multinode] federated job: {time.monotonic() - started:.0f} s")
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    [job] = submission_ids(out.stdout)
+    job = submit("federate", config, local_cluster, cluster_state)
 
     actors = job_actors(local_cluster, job)
     trainers = [a for a in actors if a.class_name == "WarmTrainer"]
