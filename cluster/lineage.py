@@ -34,6 +34,13 @@ AUDIT_HEAD_TAG = TAG_PREFIX + "audit_head"  # on a model: "<seq> <sha256>" of it
 AUDIT_MODEL_TAG = TAG_PREFIX + "audit_model"  # on the MLflow run that holds a model's audit log
 CONFIG_FILE = "fedforge_config.yaml"  # the job's config, registered beside the adapter
 MODEL_CARD_FILE = "MODEL_CARD.md"  # the version's model card, registered beside the adapter
+# Features of the training prompts (cluster.prompt_features), what drift reports compare with.
+TRAINING_PROFILE_FILE = "training_profile.json"
+# Files the registry keeps beside an adapter's own; the adapter's digest covers the others.
+REGISTRY_FILES = frozenset({CONFIG_FILE, MODEL_CARD_FILE, TRAINING_PROFILE_FILE})
+# sha256 (cluster.digest.tree_sha256) of the adapter's files, computed by the registry at
+# registration and checked on every download: what an answer's X-Fedforge-Adapter header names.
+ADAPTER_DIGEST_TAG = TAG_PREFIX + "adapter_sha256"
 # A federated version's metric: adapter tensors moved between server and clients, in MB, over
 # every round and both directions (FlowerTune reports communication beside accuracy).
 COMMUNICATION_METRIC = "communication_mb"

@@ -146,6 +146,7 @@ def render_card(
     lineage: Lineage,
     config_text: str | None,
     registered_at: str | None,
+    adapter_sha256: str = "",
 ) -> str:
     """The card of version `version` of `name`, from what registration knows."""
     card, data, config_note = _parse_config(config_text)
@@ -154,6 +155,7 @@ def render_card(
         ("kind", kind),
         ("base model", f"`{lineage.base_model}`"),
         ("adapter", f"LoRA, rank {lineage.lora_rank}" if lineage.lora_rank else "LoRA"),
+        ("adapter sha256", adapter_sha256 or NOT_RECORDED),
         ("MLflow run", f"`{run_id}`"),
         ("git revision", lineage.git_revision or NOT_RECORDED),
         ("config sha256", lineage.config_sha256 or NOT_RECORDED),

@@ -30,14 +30,17 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from cluster.audit_log import AuditEntry, AuditLog, LogCheck, sha256, utc_now
 from cluster.config import RegistrySettings
+from cluster.digest import tree_sha256
 from cluster.errors import UserError
 from cluster.lineage import (
+    ADAPTER_DIGEST_TAG,
     ARTIFACT_PATH_TAG,
     CONFIG_FILE,
     GATE_TAG,
     MODEL_CARD_FILE,
     PRODUCTION_HISTORY_TAG,
     REGISTRATION_TAG,
+    REGISTRY_FILES,
     Lineage,
 )
 from cluster.model_card import lifecycle, render_card
@@ -66,6 +69,7 @@ class VersionRecord:
     source: str
     artifact_path: str
     lineage: Lineage
+    adapter_sha256: str = ""  # "" for a version registered before adapters were digested
 
     @classmethod
     def of(cls, version: ModelVersion) -> VersionRecord:
@@ -82,6 +86,7 @@ class VersionRecord:
             source=version.source,
             artifact_path=artifact_path,
             lineage=Lineage.from_tags(version.tags),
+            adapter_sha256=version.tags.get(ADAPTER_DIGEST_TAG, ""),
         )
 
 
@@ -158,6 +163,9 @@ class Registry:
         """
         check_model_name(name)
         files = files or {}
+        if unknown := files.keys() - REGISTRY_FILES:
+            raise RegistryError(f"files {sorted(unknown)} are not registry files")
+        digest = tree_sha256(adapter_dir, exclude=REGISTRY_FILES)
         artifact_path = f"adapter-{uuid.uuid4().hex[:12]}"
         # Artifacts first: a failure here leaves an orphan upload in the run, never a version.
         self.client.log_artifacts(run_id, str(adapter_dir), artifact_path)
@@ -169,7 +177,12 @@ class Registry:
         except MlflowException as exc:  # registered before, or by a concurrent first registration
             if not _already_exists(exc):
                 raise
-        tags = {**lineage.to_tags(), ARTIFACT_PATH_TAG: artifact_path, REGISTRATION_TAG: PENDING}
+        tags = {
+            **lineage.to_tags(),
+            ARTIFACT_PATH_TAG: artifact_path,
+            ADAPTER_DIGEST_TAG: digest,
+            REGISTRATION_TAG: PENDING,
+        }
         version = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         number, logged = str(version.version), False
         try:
@@ -180,6 +193,7 @@ class Registry:
                 lineage=lineage,
                 config_text=files.get(CONFIG_FILE),
                 registered_at=utc_now(),
+                adapter_sha256=digest,
             )
             self.client.log_text(run_id, card, f"{artifact_path}/{MODEL_CARD_FILE}")
             with self._alias_lock(name):
@@ -187,6 +201,7 @@ class Registry:
                 details = {
                     "run_id": run_id,
                     "kind": lineage.kind,
+                    "adapter_sha256": digest,
                     "card_sha256": sha256(card),
                     **({"run_name": lineage.run_name} if lineage.run_name else {}),
                     **({"config_sha256": lineage.config_sha256} if lineage.config_sha256 else {}),
@@ -248,18 +263,30 @@ class Registry:
         return VersionRecord.of(version)
 
     def download(self, name: str, ref: str | int, dst: Path) -> Path:
-        """Download a version's adapter directory into `dst` and return its path."""
+        """Download a version's adapter directory into `dst` and return its path, after checking
+        its files against the digest recorded at registration (so what is loaded is what was
+        registered, whichever store or cache it came through)."""
         from mlflow.artifacts import download_artifacts
 
         version = self.get(name, ref)
         dst.mkdir(parents=True, exist_ok=True)
-        local = download_artifacts(
-            run_id=version.run_id,
-            artifact_path=version.artifact_path,
-            dst_path=str(dst),
-            tracking_uri=self.tracking_uri,
+        local = Path(
+            download_artifacts(
+                run_id=version.run_id,
+                artifact_path=version.artifact_path,
+                dst_path=str(dst),
+                tracking_uri=self.tracking_uri,
+            )
         )
-        return Path(local)
+        if version.adapter_sha256:
+            found = tree_sha256(local, exclude=REGISTRY_FILES)
+            if found != version.adapter_sha256:
+                raise RegistryError(
+                    f"the files of '{name}' v{version.version} do not match its registered "
+                    f"digest (sha256 {found[:16]}..., registered {version.adapter_sha256[:16]}...):"
+                    " the artifact store was changed after registration; not loading it"
+                )
+        return local
 
     def read_text(self, record: VersionRecord, filename: str) -> str:
         """A file registered beside a version's adapter (e.g. its job config)."""
@@ -298,6 +325,7 @@ class Registry:
                 lineage=record.lineage,
                 config_text=self._read_optional(record, CONFIG_FILE),
                 registered_at=registered.time if registered else None,
+                adapter_sha256=record.adapter_sha256,
             )
         elif logged is None:
             check = f"stored at registration ({MODEL_CARD_FILE}); no sha256 of it was logged"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cluster.config import DataSettings
+from cluster.digest import tree_sha256
 from cluster.errors import UserError
 
 IGNORE_INDEX = -100  # positions the loss skips: everything but the answer
@@ -97,16 +98,7 @@ def load_examples(path: str | Path) -> list[Example]:
 
 def dataset_sha256(path: str | Path) -> str:
     """Content hash of a dataset file, or of every file in a dataset directory (sorted)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return tree_sha256(path)
 
 
 def _example_key(example: Example, seed: int) -> str:

@@ -34,6 +34,7 @@ class AdapterRoute:
     # What the version's ancestry spent of each data source: (source, epsilon, budget); epsilon
     # None = used without DP. Shown in the model's metadata on /v1/models.
     data_privacy: tuple[tuple[str, float | None, float | None], ...] = ()
+    adapter_sha256: str = ""  # of the registered files; "" for versions registered without it
 
     @property
     def versioned_id(self) -> str:
@@ -129,7 +130,9 @@ def read_table(registry: Registry, source: AdapterSource) -> AdapterTable:
                     (data, p.epsilon, p.budget_epsilon)
                     for data, p in sorted(version.lineage.data_privacy.items())
                 )
-                servable[version.version] = AdapterRoute(name, version.version, spent)
+                servable[version.version] = AdapterRoute(
+                    name, version.version, spent, version.adapter_sha256
+                )
         for version, route in servable.items():
             routes[f"{name}:{version}"] = route
         production = registry.aliases(name).get(PRODUCTION)

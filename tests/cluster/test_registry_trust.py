@@ -147,3 +147,23 @@ def test_the_job_config_is_a_file_beside_the_adapter_not_a_tag(registry, adapter
     assert registry.read_text(record, CONFIG_FILE) == text
     raw = registry.client.get_model_version("m", record.version)
     assert max(len(v) for v in raw.tags.values()) < 1000
+
+
+@pytest.mark.parametrize("tamper", ["edit weights", "add a file", "remove a file"])
+def test_a_download_whose_files_differ_from_the_registered_digest_is_refused(
+    registry, adapter, empty_state, tmp_path, tamper
+):
+    record = register(registry, adapter, files={CONFIG_FILE: "name: run\n"})
+    assert len(record.adapter_sha256) == 64
+    fine = registry.download("m", record.version, tmp_path / "fine")
+    assert (fine / "adapter_model.safetensors").read_bytes() == b"stub"
+
+    (stored,) = empty_state.mlflow_artifacts.rglob(f"{record.artifact_path}/adapter_model.*")
+    if tamper == "edit weights":  # another tenant's weights swapped in under this version
+        stored.write_bytes(b"other tenant")
+    elif tamper == "add a file":
+        (stored.parent / "extra.safetensors").write_bytes(b"x")
+    else:
+        stored.unlink()
+    with pytest.raises(RegistryError, match="do not match its registered digest"):
+        registry.download("m", record.version, tmp_path / "tampered")
