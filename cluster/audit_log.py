@@ -117,6 +117,18 @@ class AuditEntry(BaseModel):
         return f"#{self.seq:<4} {self.time}  {self.actor}  {self.action} v{self.version}{move}{why}"
 
 
+def holder_at(entries: list[AuditEntry], alias: str, when: datetime) -> AuditEntry | None:
+    """The entry that last moved `alias` at or before `when`: its `new` is the version the
+    alias pointed at then (None: no logged move of the alias yet)."""
+    last = None
+    for entry in entries:
+        if entry.alias == alias and entry.action != "delete":
+            if datetime.fromisoformat(entry.time) > when:
+                break
+            last = entry
+    return last
+
+
 def _v(version: str | None) -> str:
     return f"v{version}" if version else "-"
 

@@ -13,8 +13,10 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from cluster.audit_cli import audit_app
+from cluster.drift_cli import drift_app
 from cluster.errors import UserError
-from cluster.jobs import run_local, submit_and_follow
+from cluster.jobs import run_module
 from cluster.k8s_cli import k8s_app
 from cluster.options import ConfigOpt, JobAddressOpt, StateOpt, TrackingOpt
 from cluster.privacy_cli import privacy_app
@@ -44,15 +46,8 @@ app = typer.Typer(
 app.add_typer(registry_app, name="registry")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(k8s_app, name="k8s")
-
-
-def run_module(module: str, *args: str, address: str | None = None) -> None:
-    """Run `python -m module args...` (as a Ray job when a job address is given)."""
-    code = (
-        submit_and_follow(address, module, list(args)) if address else run_local(module, list(args))
-    )
-    if code != 0:
-        raise typer.Exit(code)
+app.add_typer(audit_app, name="audit")
+app.add_typer(drift_app, name="drift")
 
 
 def _job(module: str, config, state_dir, address: str | None) -> None:
@@ -111,4 +106,6 @@ def demo(
 
 def main() -> None:  # pragma: no cover - console script entry
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # MLflow draws a progress bar for every file it fetches (a card, a profile): noise here.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     app()

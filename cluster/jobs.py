@@ -13,6 +13,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import typer
+
 from cluster.lineage import GIT_REVISION_ENV, git_revision
 from cluster.processes import exit_with_parent
 
@@ -86,3 +88,13 @@ def submit_and_follow(address: str, module: str, args: list[str]) -> int:
     ok = follow_job(client, job_id, lambda text: print(text, end="", flush=True))
     print(f"[fedforge] Ray job {job_id} {'SUCCEEDED' if ok else 'FAILED'}", flush=True)
     return 0 if ok else 1
+
+
+def run_module(module: str, *args: str, address: str | None = None) -> None:
+    """Run `python -m module args...` (as a Ray job when a job address is given); a failed job
+    ends the command with its exit code."""
+    code = (
+        submit_and_follow(address, module, list(args)) if address else run_local(module, list(args))
+    )
+    if code != 0:
+        raise typer.Exit(code)

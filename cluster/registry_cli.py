@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from cluster.config import RegistrySettings
+from cluster.errors import UserError
+from cluster.gate import run_gate
 from cluster.lineage import CONFIG_FILE
 from cluster.options import ModelNameArg, StateOpt, TrackingOpt, VersionRefArg
 from cluster.registry import PRODUCTION, Registry, VersionRecord
@@ -110,6 +112,18 @@ def promote(
     """Point `production` at a version."""
     record = open_registry(tracking_uri, state_dir).promote(name, ref, reason=reason)
     typer.echo(f"{name}: {PRODUCTION} -> v{record.version}")
+
+
+@registry_app.command()
+def gate(name: ModelNameArg, tracking_uri: TrackingOpt = None, state_dir: StateOpt = None) -> None:
+    """The evaluation gate: promote the best version registered after production if it beats
+    production on held-out accuracy within its privacy budgets (what the demo runs)."""
+    registry = open_registry(tracking_uri, state_dir)
+    production = registry.aliases(name).get(PRODUCTION)
+    newer = [v for v in registry.versions(name) if int(v.version) > int(production or 0)]
+    if not newer:
+        raise UserError(f"no version of '{name}' newer than production to judge")
+    typer.echo(f"gate: {run_gate(registry, name, newer).message}")
 
 
 @registry_app.command()

@@ -151,6 +151,52 @@ class AdapterSettings(Section):
     )
 
 
+class RequestLogSettings(Section):
+    enabled: bool = Field(
+        False,
+        description="Log every answer: request id, time, key id (a hash prefix), model, the "
+        "version and adapter digest that answered, token counts. Read by `fedforge audit "
+        "request` and `fedforge drift report`.",
+    )
+    dir: str | None = Field(
+        None,
+        description="Where ingress replicas write it. Default: <state dir>/serve/request-log "
+        "(on a cluster, a shared mount, or each node keeps its own replicas' lines).",
+    )
+    retention_days: int = Field(
+        30, ge=1, description="Days of log kept; older files are removed at each new day."
+    )
+    prompt_features: bool = Field(
+        False,
+        description="Also log features of each prompt (sizes, character mix, a hashed n-gram "
+        "sketch; never the text), what `fedforge drift report` compares with the training data.",
+    )
+    prompt_text: bool = Field(
+        False,
+        description="Also log the prompt's text. Off unless the traffic's owners agreed to keep "
+        "it: the log then holds personal data.",
+    )
+
+
+class DriftSettings(Section):
+    """What `fedforge drift report` and `drift retrain` compare (read from the serve config)."""
+
+    window: str = Field("24h", description="Served traffic compared: the last 30m, 24h, 7d, ...")
+    alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=0.5,
+        description="False-positive rate of a drift verdict: the chance that traffic from the "
+        "training distribution is called drifted (Bonferroni over the features' tests).",
+    )
+    min_prompts: int = Field(
+        100, ge=10, description="Fewer logged prompts in the window: no verdict (too few)."
+    )
+    permutations: int = Field(
+        999, ge=99, description="Permutations of the sketch's kernel test (its smallest p-value)."
+    )
+
+
 class ServeConfig(Section):
     name: str = Field("fedforge", description="Ray Serve application name.")
     model_id: str = Field("fedforge-base", description="Model id clients ask for.")
@@ -182,6 +228,8 @@ class ServeConfig(Section):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+    request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @model_validator(mode="after")
     def _adapter_model_ids(self) -> ServeConfig:

@@ -62,6 +62,11 @@ class StateDir:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def request_log(self) -> Path:
+        """Where the endpoint logs its answers unless `request_log.dir` says otherwise."""
+        return self.root / "serve" / "request-log"
+
     def default_tracking_uri(self) -> str:
         self.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.mlflow_db}"

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import TrainingJobConfig, dump_config
-from cluster.lineage import CONFIG_FILE, Lineage, recorded_config
+from cluster.lineage import CONFIG_FILE, TRAINING_PROFILE_FILE, Lineage, recorded_config
 from cluster.privacy_record import DataPrivacy, PrivacyBudget, data_source
+from cluster.prompt_features import prompt_text, training_profile
 from cluster.registry import Registry, VersionRecord
-from llm.data import dataset_sha256
+from llm.data import dataset_sha256, load_split
 from llm.evaluate import EvalResult, evaluate_heldout
 from llm.run_identity import flatten
 
@@ -70,6 +71,11 @@ def publish_adapter(
         adapter_dir,
         run_id,
         lineage,
-        files={CONFIG_FILE: dump_config(recorded_config(cfg))},
+        files={
+            CONFIG_FILE: dump_config(recorded_config(cfg)),
+            TRAINING_PROFILE_FILE: training_profile(
+                [prompt_text(e.prompt_messages) for e in load_split(cfg.data).train]
+            ),
+        },
     )
     return Published(version, base, tuned)

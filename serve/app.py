@@ -19,6 +19,7 @@ from cluster.serve_config import ServeConfig
 from cluster.state import StateDir
 from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
+from serve.answer_log import AnswerLogSettings
 from serve.api_keys import load_key_hashes
 from serve.errors import error_for_exception
 from serve.ingress import KeyCheckedIngress
@@ -147,6 +148,19 @@ def fair_use(cfg: ServeConfig) -> dict | None:
     }
 
 
+def answer_log(cfg: ServeConfig, state: StateDir) -> AnswerLogSettings | None:
+    """Where and what the ingress logs per answer, None when the request log is off."""
+    settings = cfg.request_log
+    if not settings.enabled:
+        return None
+    return AnswerLogSettings(
+        directory=settings.dir or str(state.request_log),
+        retention_days=settings.retention_days,
+        prompt_features=settings.prompt_features,
+        prompt_text=settings.prompt_text,
+    )
+
+
 def build_app(cfg: ServeConfig, state: StateDir) -> Application:
     """Ray Serve LLM's OpenAI app, composed the way its docs show for a custom ingress
     (build_openai_app takes no extra routes)."""
@@ -163,6 +177,7 @@ def build_app(cfg: ServeConfig, state: StateDir) -> Application:
         limits=cfg.limits,
         adapter_source=adapter_source(cfg, state),
         fair_use=fair_use(cfg),
+        answer_log=answer_log(cfg, state),
     )
 
 

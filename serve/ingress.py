@@ -22,7 +22,8 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from cluster.serve_config import LimitSettings
-from serve.adapters import AdapterSource, AdapterTable, AdapterWatcher
+from serve.adapters import AdapterRoute, AdapterSource, AdapterTable, AdapterWatcher
+from serve.answer_log import AnswerLog, AnswerLogSettings, with_usage
 from serve.api_keys import bearer_hash, is_authorized
 from serve.engine_watch import EngineDown, EngineWatch, engine_is_down
 from serve.errors import checked_stream, error_for_exception, openai_error
@@ -54,6 +55,7 @@ class KeyCheckedIngress(OpenAiIngress):
         limits: LimitSettings | None = None,
         adapter_source: AdapterSource | None = None,
         fair_use: dict | None = None,
+        answer_log: AnswerLogSettings | None = None,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
@@ -62,6 +64,7 @@ class KeyCheckedIngress(OpenAiIngress):
         (self._base_id,) = self._model_cards  # one base model per app
         self._adapters = AdapterWatcher(adapter_source) if adapter_source else None
         self._fair_use = FairUse(**fair_use) if fair_use else None
+        self._answers = AnswerLog(answer_log) if answer_log else None
         self._engine = self._engine_watch()
 
     @staticmethod
@@ -140,10 +143,11 @@ class KeyCheckedIngress(OpenAiIngress):
             headers={"Retry-After": str(retry_after)},
         )
 
-    def _resolved(self, body) -> tuple[object, str] | Response:
-        """(body with the engine's model id, id that answers), or a 404 for an unknown id."""
+    def _resolved(self, body) -> tuple[object, str, AdapterRoute | None] | Response:
+        """(body with the engine's model id, id that answers, its adapter route), or a 404 for
+        an unknown id."""
         if body.model is None or body.model in self._model_cards:
-            return body, self._base_id
+            return body, self._base_id, None
         table = self._table()
         route = table.resolve(body.model)
         if route is None:
@@ -157,7 +161,7 @@ class KeyCheckedIngress(OpenAiIngress):
         # Resolved here, once: the whole request runs on this version even if `production`
         # moves while it streams.
         body = body.model_copy(update={"model": route.engine_id(self._base_id)})
-        return body, route.versioned_id
+        return body, route.versioned_id, route
 
     async def _generate(self, handler, request: Request, model, kind: str) -> Response:
         try:
@@ -169,7 +173,10 @@ class KeyCheckedIngress(OpenAiIngress):
             resolved = self._resolved(checked.body)
             if isinstance(resolved, Response):
                 return resolved
-            body, answering_id = resolved
+            body, answering_id, route = resolved
+            answer = self._answers.begin(request, checked.body, kind) if self._answers else None
+            if answer and body.stream:
+                body = with_usage(body)
             if self._engine is None:
                 response = await handler(body, engine_request(request))
             elif self._engine.down:
@@ -180,7 +187,9 @@ class KeyCheckedIngress(OpenAiIngress):
             return error_for_exception(exc)
         if isinstance(response, StreamingResponse):
             response = await checked_stream(response, self._engine and self._engine.unless_down)
-        return relabel(response, body.model or self._base_id, answering_id)
+        digest = route.adapter_sha256 if route else ""
+        response = relabel(response, body.model or self._base_id, answering_id, digest)
+        return answer.logged(response, answering_id, route) if answer else response
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(super().chat, request, ChatCompletionRequest, "chat")

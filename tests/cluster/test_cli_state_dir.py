@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import cluster.cli
 import cluster.demo
+import cluster.jobs
 import cluster.privacy_cli
 from cluster.cli import app
 from cluster.config import RegistrySettings
@@ -29,7 +29,7 @@ def launched(monkeypatch, tmp_path) -> list[tuple[str, list[str]]]:
     """Record the job modules the CLI would run, instead of running them."""
     calls: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(
-        cluster.cli, "run_local", lambda module, args: calls.append((module, args)) or 0
+        cluster.jobs, "run_local", lambda module, args: calls.append((module, args)) or 0
     )
     monkeypatch.setattr(
         cluster.demo,

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from cluster.credentials import hash_api_key as hash_key
 from cluster.serve_config import LimitSettings
+from serve.answer_log import AnswerLogSettings
 from serve.app import ENDPOINTS, ingress_app
 from serve.ingress import KeyCheckedIngress
 from serve.ray_internal import ModelCard
@@ -54,6 +55,7 @@ def ingress_client(
     keys: tuple[str, ...] = (KEY,),
     limits: LimitSettings | None = None,
     fair_use: dict | None = None,
+    answer_log: AnswerLogSettings | None = None,
 ) -> tuple[httpx.AsyncClient, FakeEngine]:
     card = ModelCard(id=BASE, object="model", owned_by="fedforge", permission=[], metadata={})
     ingress = KeyCheckedIngress(
@@ -63,6 +65,7 @@ def ingress_client(
         max_model_len=MAX_LEN,
         limits=limits,
         fair_use=fair_use,
+        answer_log=answer_log,
     )
     engine = FakeEngine()
     ingress._process_llm_request = engine

@@ -8,7 +8,10 @@ registry of its own.
 
 from __future__ import annotations
 
+import threading
 import time
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,10 +20,12 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 
+from cluster.audit_log import holder_at
 from cluster.config import RegistrySettings, load_config
-from cluster.registry import Registry
-from cluster.serve_config import ServeConfig
-from serve.relabel import MODEL_HEADER
+from cluster.registry import PRODUCTION, Registry
+from cluster.request_log import read_entries
+from cluster.serve_config import RequestLogSettings, ServeConfig
+from serve.relabel import DIGEST_HEADER, MODEL_HEADER
 from tests.serve.conftest import register, serving
 from tests.serve.fake_engine import NOT_SERVED, assert_openai_error, served_routes
 from tests.serve.hostile import bodies
@@ -37,13 +42,20 @@ def registry(tmp_path_factory) -> Registry:
 
 
 @pytest.fixture(scope="module")
-def endpoint(provisioned, registry, tmp_path_factory):
+def request_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("request-log")
+
+
+@pytest.fixture(scope="module")
+def endpoint(provisioned, registry, request_log, tmp_path_factory):
     cfg = load_config("configs/serve/tiny.yaml", ServeConfig)
     cache = tmp_path_factory.mktemp("adapter-cache")
+    logged = RequestLogSettings(enabled=True, dir=str(request_log), prompt_features=True)
     cfg = cfg.model_copy(
         update={
             "registry": RegistrySettings(tracking_uri=registry.tracking_uri),
             "adapters": cfg.adapters.model_copy(update={"cache_dir": str(cache)}),
+            "request_log": logged,
         }
     )
     with serving(cfg, provisioned, KEY, _metrics_export_port=cfg.metrics_port) as url:
@@ -448,6 +460,87 @@ def test_promote_and_rollback_reroute_without_restarting(
     refresh = load_config("configs/serve/tiny.yaml", ServeConfig).adapters.refresh_seconds
     assert max(promoted, rolled_back) < refresh + 5
     assert engine_replicas() == replicas  # same replica actors: nothing restarted
+
+
+def ask_continuously(client: openai.OpenAI, stop: threading.Event, answers: list) -> None:
+    """Ask ADAPTER (by alias) until `stop`, alternating streamed chats and whole completions;
+    keep what each answer's headers said (or the exception that ended the loop)."""
+    streamed = False
+    try:
+        while not stop.is_set():
+            streamed = not streamed
+            if streamed:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=ADAPTER,
+                    messages=[{"role": "user", "content": PROMPT}],
+                    max_tokens=3,
+                    stream=True,
+                )
+                assert list(raw.parse())
+            else:
+                raw = client.completions.with_raw_response.create(
+                    model=ADAPTER, prompt=PROMPT, max_tokens=3
+                )
+            headers = raw.headers
+            answers.append((headers["x-request-id"], headers[MODEL_HEADER], headers[DIGEST_HEADER]))
+    except Exception as exc:  # noqa: BLE001 - reported by the test, not lost in a thread
+        answers.append(exc)
+
+
+def test_every_logged_answer_matches_the_alias_history_while_production_moves(
+    client, registry, versions, request_log
+):
+    """Promote and roll back under a stream of requests: every answer is in the request log
+    with the version and adapter digest its headers named, and that version held `production`
+    (by the audit log) at some moment between the ingress' last registry read and the answer."""
+    v1, v2 = versions
+    digests = {v: registry.get(ADAPTER, v).adapter_sha256 for v in versions}
+    refresh = load_config("configs/serve/tiny.yaml", ServeConfig).adapters.refresh_seconds
+    stop, answers = threading.Event(), []
+    callers = [
+        threading.Thread(target=ask_continuously, args=(client, stop, answers)) for _ in range(2)
+    ]
+    for caller in callers:
+        caller.start()
+    try:
+        for move in ("promote", "rollback", "promote", "rollback"):
+            time.sleep(2 * refresh + 1)
+            if move == "promote":
+                registry.promote(ADAPTER, v2, reason="under-traffic test")
+            else:
+                registry.rollback(ADAPTER, reason="under-traffic test")
+        time.sleep(2 * refresh + 1)
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join(timeout=60)
+    time.sleep(1)  # a streamed answer is logged as its last chunk leaves the ingress
+
+    failures = [a for a in answers if isinstance(a, Exception)]
+    assert not failures, failures
+    logged = {e.request_id: e for e in read_entries(request_log).entries}
+    history = registry.history(ADAPTER)
+    seen_versions = set()
+    assert len(answers) > 20, len(answers)
+    for request_id, header, digest in answers:
+        entry = logged[request_id]  # every answer a caller got is in the log
+        assert (
+            entry.model == ADAPTER and entry.answered_by == header == f"{ADAPTER}:{entry.version}"
+        )
+        assert entry.adapter_sha256 == digest == digests[entry.version]
+        assert entry.complete and entry.prompt_tokens and entry.completion_tokens
+        assert entry.features and entry.prompt is None
+        # The versions production held from one refresh (and a second of slack) before the
+        # request until it was answered.
+        start = entry.timestamp - timedelta(seconds=refresh + 1)
+        end = entry.timestamp + timedelta(milliseconds=entry.latency_ms)
+        held = {holder_at(history, PRODUCTION, start).new}
+        moves = [e for e in history if e.alias == PRODUCTION]
+        held |= {e.new for e in moves if start < datetime.fromisoformat(e.time) <= end}
+        assert entry.version in held, (entry, held)
+        seen_versions.add(entry.version)
+    assert seen_versions == {v1, v2}  # the traffic spanned the moves
+    print(f"[request log] {len(answers)} answers checked against {len(history)} audit entries")
 
 
 def test_unknown_adapter_gets_openai_404_listing_ids(client, versions):

@@ -1,0 +1,178 @@
+"""The ingress side of the request log (cluster.request_log): one entry per answer.
+
+The ingress knows which version and adapter digest answered (it resolved the model id) and whose
+key asked; the token counts are in the answer's `usage`. A stream carries `usage` only when the
+caller asked for it (`stream_options.include_usage`), so with the log on the ingress always asks
+the engine for it and drops that last chunk again for callers who did not ask: they see the
+stream they would have seen without the log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cluster.prompt_features import prompt_features, prompt_text
+from cluster.request_log import AnsweredRequest, RequestLogWriter, key_id, utc_iso, writer_name
+from serve.adapters import AdapterRoute
+from serve.api_keys import bearer_hash
+
+DONE_EVENT = "data: [DONE]"
+
+
+@dataclass(frozen=True)
+class AnswerLogSettings:
+    """Plain values (they pickle to the ingress replica): cluster.serve_config's section."""
+
+    directory: str
+    retention_days: int
+    prompt_features: bool
+    prompt_text: bool
+
+
+def asked_text(body) -> str | None:
+    """The prompt's text as the features see it; None for token-id prompts."""
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        return prompt_text(m if isinstance(m, dict) else dict(m) for m in messages)
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    return None
+
+
+def with_usage(body):
+    """`body` asking the engine for a stream's usage (a copy; the caller's own options kept)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
+
+    options = (body.stream_options or StreamOptions()).model_copy(update={"include_usage": True})
+    return body.model_copy(update={"stream_options": options})
+
+
+def caller_asked_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+class AnswerLog:
+    def __init__(self, settings: AnswerLogSettings):
+        self.settings = settings
+        self.writer = RequestLogWriter(settings.directory, writer_name(), settings.retention_days)
+
+    def begin(self, request: Request, body, route_kind: str) -> Pending:
+        """Called once the body passed the contract; `body` as the caller sent it."""
+        wanted = self.settings.prompt_features or self.settings.prompt_text
+        text = asked_text(body) if wanted else None
+        return Pending(
+            log=self,
+            started=time.time(),
+            request_id=request.headers.get("x-request-id", ""),
+            key_id=key_id(bearer_hash(request.headers.get("authorization"))),
+            route=route_kind,
+            model=body.model or "",
+            stream=bool(getattr(body, "stream", False)),
+            usage_asked=caller_asked_usage(body),
+            prompt=text if self.settings.prompt_text else None,
+            features=prompt_features(text).to_json()
+            if self.settings.prompt_features and text is not None
+            else None,
+        )
+
+
+@dataclass
+class Pending:
+    """An answer under way: written to the log when its body is complete (or cut)."""
+
+    log: AnswerLog
+    started: float
+    request_id: str
+    key_id: str | None
+    route: str
+    model: str
+    stream: bool
+    usage_asked: bool
+    prompt: str | None
+    features: dict | None
+
+    def write(self, answered_by: str, route: AdapterRoute | None, answer: dict, complete: bool):
+        usage = answer.get("usage") or {}
+        self.log.writer.write(
+            AnsweredRequest(
+                request_id=self.request_id,
+                response_id=answer.get("id"),
+                time=utc_iso(self.started),
+                latency_ms=round((time.time() - self.started) * 1000, 1),
+                key_id=self.key_id,
+                route=self.route,
+                model=self.model,
+                answered_by=answered_by,
+                adapter=route.name if route else None,
+                version=route.version if route else None,
+                adapter_sha256=route.adapter_sha256 or None if route else None,
+                stream=self.stream,
+                complete=complete,
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                prompt=self.prompt,
+                features=self.features,
+            )
+        )
+
+    def logged(self, response: Response, answered_by: str, route: AdapterRoute | None) -> Response:
+        """`response`, logged once its body is through; refusals and errors are not answers."""
+        if response.status_code != 200:
+            return response
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._watched(response.body_iterator, answered_by, route)
+            return response
+        answer = json.loads(response.body) if isinstance(response, JSONResponse) else {}
+        self.write(answered_by, route, answer, complete=True)
+        return response
+
+    async def _watched(self, chunks: AsyncIterator[str | bytes], answered_by, route):
+        """The stream, passed on event by event, noting its id and usage as they go by."""
+        seen: dict = {}
+        complete = False
+        try:
+            async for chunk in chunks:
+                text = chunk.decode() if isinstance(chunk, bytes) else chunk
+                kept = []
+                for event in text.split("\n\n"):
+                    if not event.strip():
+                        continue
+                    if event.strip() == DONE_EVENT:
+                        complete = "error" not in seen
+                    elif self._note(event, seen) and not self.usage_asked:
+                        continue  # the usage chunk this caller did not ask for
+                    kept.append(event + "\n\n")
+                if kept:
+                    out = "".join(kept)
+                    yield out.encode() if isinstance(chunk, bytes) else out
+        finally:  # also when the caller went away mid-stream
+            self.write(answered_by, route, seen, complete)
+
+    @staticmethod
+    def _note(event: str, seen: dict) -> bool:
+        """Record the event's id, usage and any error in `seen`; True for the usage-only last
+        chunk."""
+        if not event.startswith("data: "):
+            return False
+        try:
+            data = json.loads(event.removeprefix("data: "))
+        except ValueError:
+            return False
+        if not isinstance(data, dict):
+            return False
+        seen.setdefault("id", data.get("id"))
+        if "error" in data:
+            seen["error"] = True
+        if data.get("usage"):
+            seen["usage"] = data["usage"]
+            return not data.get("choices")
+        return False

@@ -1,0 +1,178 @@
+"""`fedforge drift report`, `drift retrain` and `audit request` on a real registry and request
+log: the demo task's held-out tickets as traffic from the training distribution, tickets about
+a product line the training data never mentions as shifted traffic.
+
+Each verdict uses the drift settings' fixed seed, so it is the same on every run; the chance
+that traffic from the training distribution is called drifted is at most alpha (0.01 here), by
+construction of the tests (tests/cluster/test_drift.py measures it over 100 trials).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.config import DataSettings
+from cluster.lineage import TRAINING_PROFILE_FILE, Lineage
+from cluster.prompt_features import prompt_features, prompt_text, training_profile
+from cluster.registry import Registry
+from cluster.request_log import AnsweredRequest, RequestLogWriter, utc_iso
+from llm.data import load_split
+
+MODEL = "fedforge-tiny"  # configs/finetune/tiny.yaml registers it
+TICKETS = "llm/demo_task/tickets.jsonl"
+runner = CliRunner()
+NEW_PRODUCT = (
+    "the Helios solar inverter reports error E-42 at sunrise",
+    "battery storage module shows 0% after the firmware flash",
+    "inverter fan is loud when the panels produce over 5 kW",
+    "grid export limit resets to 3.6 kW every night",
+    "the monitoring portal lost two days of yield data",
+    "microinverter {n} blinks orange and red",
+)
+
+
+def shifted_prompts(n: int, seed: int = 7) -> list[str]:
+    """Tickets in the training data's frame about something it never covered."""
+    rng = random.Random(seed)
+    return [
+        "Route this support ticket: "
+        + rng.choice(("", "Hello, ", "Urgent: "))
+        + rng.choice(NEW_PRODUCT).format(n=rng.randint(100, 999))
+        + rng.choice(("", " Please help.", " What should I do?"))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture
+def served(empty_state, stub_adapter, tmp_path):
+    """A version trained on the tickets' training split, in production, and a serve config."""
+    split = load_split(DataSettings(path=TICKETS, validation_fraction=0.2))
+    profile = training_profile([prompt_text(e.prompt_messages) for e in split.train])
+    registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
+    with registry.run("drift", MODEL, {}) as run_id:
+        lineage = Lineage(kind="finetune", base_model="tiny", dataset_sha256="ab" * 32)
+        files = {TRAINING_PROFILE_FILE: profile}
+        registry.register_adapter(MODEL, stub_adapter, run_id, lineage, files=files)
+    registry.promote(MODEL, "1", reason="first")
+    config = tmp_path / "serve.yaml"
+    drift = {"window": "1h", "alpha": 0.01, "min_prompts": 50}
+    config.write_text(yaml.safe_dump({"request_log": {"enabled": True}, "drift": drift}))
+    held_out = [prompt_text(e.prompt_messages) for e in split.validation]
+    return registry, config, held_out
+
+
+def log_answers(state, prompts: list[str], version: str = "1", digest: str = "") -> list[str]:
+    writer = RequestLogWriter(state.request_log, "test", 30)
+    now = datetime.now(UTC)
+    ids = []
+    for i, prompt in enumerate(prompts):
+        ids.append(f"req-{version}-{i}")
+        writer.write(
+            AnsweredRequest(
+                request_id=ids[-1],
+                time=utc_iso((now - timedelta(milliseconds=len(prompts) - 1 - i)).timestamp()),
+                latency_ms=100.0,
+                key_id="0123456789ab",
+                route="chat",
+                model=MODEL,
+                answered_by=f"{MODEL}:{version}",
+                adapter=MODEL,
+                version=version,
+                adapter_sha256=digest or None,
+                stream=False,
+                complete=True,
+                prompt_tokens=30,
+                completion_tokens=4,
+                features=prompt_features(prompt).to_json(),
+            )
+        )
+    return ids
+
+
+def invoke(state, *args):
+    return runner.invoke(app, [*args, "--state-dir", str(state.root)])
+
+
+def report(state, config, out):
+    return invoke(
+        state, "drift", "report", "--model", MODEL, "--serve-config", str(config), "--out", str(out)
+    )
+
+
+def test_held_out_tickets_are_not_drift_and_a_new_product_line_is(empty_state, served, tmp_path):
+    registry, config, held_out = served
+    assert len(held_out) >= 100
+    log_answers(empty_state, held_out)
+    same = report(empty_state, config, tmp_path / "same")
+    assert same.exit_code == 0, same.output
+    assert f"{MODEL} v1, {len(held_out)} prompts" in same.output and "no drift" in same.output
+    assert json.loads((tmp_path / "same" / "drift.json").read_text())["result"]["drift"] is False
+
+    log_answers(empty_state, shifted_prompts(len(held_out)))  # half the window is new traffic
+    shifted = report(empty_state, config, tmp_path / "shifted")
+    assert shifted.exit_code == 1, shifted.output
+    assert "drift: " in shifted.output and "sketch" in shifted.output
+    png = (tmp_path / "shifted" / "drift.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_too_little_traffic_gets_no_verdict_and_no_logging_a_clear_error(
+    empty_state, served, tmp_path
+):
+    _, config, held_out = served
+    nothing = report(empty_state, config, tmp_path / "none")
+    assert nothing.exit_code == 2 and "request_log.prompt_features" in nothing.output
+    log_answers(empty_state, held_out[:20])
+    few = report(empty_state, config, tmp_path / "few")
+    assert few.exit_code == 3 and "too little traffic" in few.output
+
+
+def test_retrain_submits_on_drift_once_then_waits_for_the_gate(empty_state, served, stub_adapter):
+    registry, config, held_out = served
+    args = ("drift", "retrain", "--model", MODEL, "--config", "configs/finetune/tiny.yaml")
+    args += ("--serve-config", str(config), "--dry-run")
+    log_answers(empty_state, held_out)
+    calm = invoke(empty_state, *args)
+    assert calm.exit_code == 0 and "no drift" in calm.output and "retraining" not in calm.output
+
+    log_answers(empty_state, shifted_prompts(2 * len(held_out)))
+    drifted = invoke(empty_state, *args)
+    assert drifted.exit_code == 0, drifted.output
+    assert (
+        "retraining: python -m llm.finetune --config configs/finetune/tiny.yaml" in drifted.output
+    )
+
+    with registry.run("drift", MODEL, {}) as run_id:  # what the job leaves: a candidate
+        registry.register_adapter(
+            MODEL, stub_adapter, run_id, Lineage(kind="finetune", base_model="tiny")
+        )
+    waiting = invoke(empty_state, *args)
+    assert "not retraining: candidate v2 awaits the gate" in waiting.output
+    assert registry.aliases(MODEL)["production"] == "1"  # nothing promoted without the gate
+
+    other = invoke(empty_state, *args[:2], "--model", "someone-else", *args[4:])
+    assert other.exit_code == 2 and "registers 'fedforge-tiny', not 'someone-else'" in other.output
+
+
+def test_audit_request_names_the_version_its_digest_data_and_who_promoted_it(empty_state, served):
+    registry, _, held_out = served
+    record = registry.get(MODEL, "1")
+    (request_id,) = log_answers(empty_state, held_out[:1], digest=record.adapter_sha256)
+    result = invoke(empty_state, "audit", "request", request_id)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"answered by {MODEL}:1" in out and "adapter digest matches the registered files" in out
+    assert "sha256 " + "ab" * 32 in out and "promote v1 production: - -> v1" in out
+    assert "reason: first" in out
+
+    (forged,) = log_answers(empty_state, held_out[:1], version="1", digest="0" * 64)
+    assert "DIFFERS" in invoke(empty_state, "audit", "request", forged).output
+    missing = invoke(empty_state, "audit", "request", "no-such-id")
+    assert missing.exit_code == 2 and "request_log.enabled" in missing.output

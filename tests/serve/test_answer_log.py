@@ -1,0 +1,108 @@
+"""The request log as the ingress writes it, over ASGI with a fake engine: what an entry holds
+and never holds, token counts of whole and streamed answers, and streams left as callers sent
+them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cluster.credentials import hash_api_key
+from cluster.request_log import read_entries
+from serve.answer_log import AnswerLogSettings
+from tests.serve.fake_engine import BASE, KEY, auth, ingress_client
+
+SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
+CHAT = {"model": BASE, "messages": [{"role": "user", "content": SECRET_PROMPT}], "max_tokens": 4}
+USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+
+
+def settings(tmp_path, **options) -> AnswerLogSettings:
+    values = {"prompt_features": False, "prompt_text": False, **options}
+    return AnswerLogSettings(directory=str(tmp_path), retention_days=30, **values)
+
+
+def streamed(body, fail: bool = False) -> StreamingResponse:
+    """What vLLM streams: token chunks, then (asked or not) the usage-only chunk, then DONE."""
+
+    async def events():
+        for text in ("Pa", "ris"):
+            chunk = {"id": "chatcmpl-1", "model": BASE, "choices": [{"delta": {"content": text}}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if fail:
+            raise RuntimeError("engine died")
+        if body.stream_options and body.stream_options.include_usage:
+            yield f'data: {{"id":"chatcmpl-1","choices":[],"usage":{json.dumps(USAGE)}}}\n\n'
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def ask(log: AnswerLogSettings, body: dict, reply=None, headers=None):
+    async def go():
+        client, engine = ingress_client(answer_log=log)
+        if reply:
+            engine.reply = reply
+        async with client:
+            response = await client.post(
+                "/v1/chat/completions", json=body, headers={**auth(), **(headers or {})}
+            )
+        return response, engine
+
+    return asyncio.run(go())
+
+
+def test_a_whole_answer_is_logged_with_ids_key_id_and_tokens_never_the_key_or_prompt(tmp_path):
+    answer = {"id": "chatcmpl-9", "object": "chat.completion", "model": BASE, "choices": []}
+    reply = lambda body: JSONResponse({**answer, "usage": USAGE})  # noqa: E731
+    response, _ = ask(settings(tmp_path), CHAT, reply, {"X-Request-ID": "req-42"})
+    assert response.status_code == 200
+    (entry,) = read_entries(tmp_path).entries
+    assert (entry.request_id, entry.response_id) == ("req-42", "chatcmpl-9")
+    assert entry.key_id == hash_api_key(KEY)[:12] and entry.answered_by == BASE
+    assert (entry.prompt_tokens, entry.completion_tokens, entry.complete) == (11, 3, True)
+    assert entry.adapter is None and entry.prompt is None and entry.features is None
+    logged = "".join(p.read_text() for p in tmp_path.glob("*.jsonl"))
+    assert KEY not in logged and "4111" not in logged
+
+
+def test_prompt_text_and_features_only_when_each_is_turned_on(tmp_path):
+    ask(settings(tmp_path / "features", prompt_features=True), CHAT)
+    (entry,) = read_entries(tmp_path / "features").entries
+    assert entry.prompt is None and entry.features["scalars"]["digit_fraction"] > 0
+    ask(settings(tmp_path / "text", prompt_text=True), CHAT)
+    (entry,) = read_entries(tmp_path / "text").entries
+    assert entry.prompt == SECRET_PROMPT and entry.features is None
+
+
+def test_a_stream_is_logged_with_its_usage_which_callers_who_did_not_ask_never_see(tmp_path):
+    response, engine = ask(settings(tmp_path), {**CHAT, "stream": True}, streamed)
+    ((sent, _),) = engine.calls
+    assert sent.stream_options.include_usage  # asked of the engine for the log
+    assert '"usage"' not in response.text and response.text.endswith("data: [DONE]\n\n")
+    assert response.text.count('"delta"') == 2
+    (entry,) = read_entries(tmp_path).entries
+    assert entry.stream and entry.complete and entry.response_id == "chatcmpl-1"
+    assert (entry.prompt_tokens, entry.completion_tokens) == (11, 3)
+
+
+def test_a_caller_who_asked_for_usage_still_gets_it(tmp_path):
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    response, _ = ask(settings(tmp_path), body, streamed)
+    assert json.dumps(USAGE).replace(" ", "") in response.text.replace(" ", "")
+
+
+def test_a_stream_that_failed_is_logged_as_cut_short(tmp_path):
+    response, _ = ask(settings(tmp_path), {**CHAT, "stream": True}, lambda b: streamed(b, True))
+    assert '"error"' in response.text
+    (entry,) = read_entries(tmp_path).entries
+    assert not entry.complete and entry.completion_tokens is None
+
+
+def test_refusals_are_not_answers_and_are_not_logged(tmp_path):
+    log = settings(tmp_path)
+    assert ask(log, CHAT, headers={"Authorization": "Bearer wrong"})[0].status_code == 401
+    assert ask(log, {**CHAT, "max_tokens": -1})[0].status_code == 400
+    assert read_entries(tmp_path).entries == []
