@@ -257,13 +257,18 @@ class Demo:
             self.result.first_token.append(first or self.result.latencies[-1])
             if i < len(DEMO_PROMPTS):
                 self.result.answers.append((prompt, text.strip()))
-        plain = client.chat.completions.create(
+        raw = client.chat.completions.with_raw_response.create(
             model=self.model_name,
             messages=[{"role": "user", "content": DEMO_PROMPTS[0]}],
             max_tokens=8,
             temperature=0,
         )
+        plain = raw.parse()
         print(f"    [fedforge] {plain.model} answered: {plain.choices[0].message.content!r}")
+        log = self.configs.serve.request_log
+        if log.enabled:  # the report shows what the audit says of this answer
+            self.result.request_log = Path(log.dir) if log.dir else self.state.request_log
+            self.result.audited_request = raw.headers.get("x-request-id", "")
 
     def stop_serving(self) -> None:
         if self.serving_job and not self.client.get_job_status(self.serving_job).is_terminal():

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cluster.answer_audit import describe, find_answers  # noqa: E402
 from cluster.gate import GateDecision  # noqa: E402
 from cluster.lineage import COMMUNICATION_METRIC  # noqa: E402
 from cluster.registry import Registry, VersionRecord  # noqa: E402
@@ -31,6 +32,8 @@ class DemoResult:
     cold_start: float = 0.0  # serving job submitted -> first answer from the adapter
     answers: list[tuple[str, str]] = field(default_factory=list)
     minutes: float = 0.0
+    request_log: Path | None = None  # the endpoint's, when it kept one
+    audited_request: str = ""  # X-Request-ID of the demo's last answer
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -164,8 +167,24 @@ def _governance(registry: Registry, result: DemoResult, out: Path, model_name: s
             "",
             f"Alias history and audit log (`fedforge registry history {model_name}`): "
             f"[{history.name}]({history.name}), log {verdict.split(':')[0]}.",
+            *_answer_audit(registry, result, out),
         ]
     )
+
+
+def _answer_audit(registry: Registry, result: DemoResult, out: Path) -> list[str]:
+    """What `fedforge audit request` says of the demo's last answer, written beside the report."""
+    request_id = result.audited_request
+    if not (request_id and result.request_log):
+        return []
+    found = find_answers(result.request_log, request_id)
+    said = "\n\n".join(describe(registry, e) for e in found) or "not in the request log"
+    path = out / "answer-audit.md"
+    path.write_text(
+        f"# Which version answered request `{request_id}`\n\n"
+        f"`fedforge audit request {request_id}`:\n\n```\n{said}\n```\n"
+    )
+    return ["", f"Which version answered the demo's last request: [{path.name}]({path.name})."]
 
 
 def write_report(

@@ -83,6 +83,12 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
         history
     )
     assert registry.verify("fedforge-tiny").ok
+    # Which version answered: the demo's last answer, audited from the endpoint's request log.
+    assert "](answer-audit.md)" in report_text
+    audit = (report_dir / "answer-audit.md").read_text()
+    assert f"answered by fedforge-tiny:{production}" in audit
+    assert "adapter digest matches the registered files" in audit
+    assert f"promote v{production} production" in audit
 
     assert not [p for p in DEMO_PORTS if _listening(p)], "the demo left a port open"
     stray = subprocess.run(
