@@ -51,11 +51,12 @@ def _version_lines(registry: Registry, entry: AnsweredRequest) -> list[str]:
         check = "not recorded on both sides"
     else:
         check = "matches the registered files" if digest == entry.adapter_sha256 else "DIFFERS"
+    size = f"  ({lineage.dataset_bytes:,} bytes)" if lineage.dataset_bytes is not None else ""
     lines = [
         f"  version     {record.name} v{record.version} ({lineage.kind}, run "
         f"{lineage.run_name or record.run_id}), adapter digest {check}",
         f"  base model  {lineage.base_model}",
-        f"  data        sha256 {lineage.dataset_sha256 or '-'}  ({lineage.dataset_bytes} bytes)",
+        f"  data        sha256 {lineage.dataset_sha256 or '-'}{size}",
     ]
     if lineage.privacy is not None and lineage.privacy.epsilon is not None:
         p = lineage.privacy

@@ -106,12 +106,25 @@ def _reference(registry: Registry, model: str, version: str) -> list[PromptFeatu
     record = registry.get(model, version)
     try:
         return read_profile(registry.read_text(record, TRAINING_PROFILE_FILE))
-    except (OSError, RegistryError, ValueError, KeyError) as exc:
+    except (OSError, RegistryError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
             f"{model} v{version} has no readable training profile ({TRAINING_PROFILE_FILE}): "
             "it was registered before fedforge recorded one; compare with a newer version "
             f"(--version) or retrain it ({type(exc).__name__})"
         ) from None
+
+
+def _features(answered: list) -> list[PromptFeatures]:
+    """The entries' features; a malformed one (an edited log) is skipped and counted."""
+    found, bad = [], 0
+    for entry in answered:
+        try:
+            found.append(PromptFeatures.from_json(entry.features))
+        except (KeyError, TypeError, ValueError):
+            bad += 1
+    if bad:
+        typer.echo(f"skipped {bad} logged answers whose features are malformed", err=True)
+    return found
 
 
 def check_drift(
@@ -135,7 +148,7 @@ def check_drift(
                 "in the serve config, or widen --since"
             )
         version = Counter(e.version for e in answered).most_common(1)[0][0]
-    window = [PromptFeatures.from_json(e.features) for e in answered]
+    window = _features(answered)
     reference = _reference(registry, model, version)
     result = None
     if len(window) >= settings.min_prompts:

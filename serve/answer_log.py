@@ -10,6 +10,7 @@ stream they would have seen without the log.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from cluster.request_log import AnsweredRequest, RequestLogWriter, key_id, utc_i
 from serve.adapters import AdapterRoute
 from serve.api_keys import bearer_hash
 
+log = logging.getLogger(__name__)
 DONE_EVENT = "data: [DONE]"
+LOG_FAILURES_EVERY = 1000  # after the first failed write, say so once per this many
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,24 @@ def caller_asked_usage(body) -> bool:
 class AnswerLog:
     def __init__(self, settings: AnswerLogSettings):
         self.settings = settings
+        # Made here, so an unwritable directory stops the replica at start, naming it.
         self.writer = RequestLogWriter(settings.directory, writer_name(), settings.retention_days)
+        self.failed_writes = 0
+
+    def write(self, entry: AnsweredRequest) -> None:
+        """Append `entry`; a failed write (disk full) is logged, and the answer still goes out:
+        it is computed, and a stream is already with the caller."""
+        try:
+            self.writer.write(entry)
+        except OSError as exc:
+            if self.failed_writes % LOG_FAILURES_EVERY == 0:
+                log.error(
+                    "request log: could not write to %s (%s); %d answers unlogged so far",
+                    self.settings.directory,
+                    exc,
+                    self.failed_writes + 1,
+                )
+            self.failed_writes += 1
 
     def begin(self, request: Request, body, route_kind: str) -> Pending:
         """Called once the body passed the contract; `body` as the caller sent it."""
@@ -102,7 +122,7 @@ class Pending:
 
     def write(self, answered_by: str, route: AdapterRoute | None, answer: dict, complete: bool):
         usage = answer.get("usage") or {}
-        self.log.writer.write(
+        self.log.write(
             AnsweredRequest(
                 request_id=self.request_id,
                 response_id=answer.get("id"),

@@ -57,7 +57,12 @@ def served(empty_state, stub_adapter, tmp_path):
     profile = training_profile([prompt_text(e.prompt_messages) for e in split.train])
     registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
     with registry.run("drift", MODEL, {}) as run_id:
-        lineage = Lineage(kind="finetune", base_model="tiny", dataset_sha256="ab" * 32)
+        lineage = Lineage(
+            kind="finetune",
+            base_model="tiny",
+            dataset_sha256="ab" * 32,
+            metrics={"eval_accuracy": 0.0},
+        )
         files = {TRAINING_PROFILE_FILE: profile}
         registry.register_adapter(MODEL, stub_adapter, run_id, lineage, files=files)
     registry.promote(MODEL, "1", reason="first")
@@ -176,3 +181,28 @@ def test_audit_request_names_the_version_its_digest_data_and_who_promoted_it(emp
     assert "DIFFERS" in invoke(empty_state, "audit", "request", forged).output
     missing = invoke(empty_state, "audit", "request", "no-such-id")
     assert missing.exit_code == 2 and "request_log.enabled" in missing.output
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_retrain_runs_the_job_and_only_the_gate_promotes_its_candidate(state, served):
+    registry, config, held_out = served
+    log_answers(state, held_out + shifted_prompts(len(held_out)))
+    args = ("--config", "configs/finetune/tiny.yaml", "--serve-config", str(config))
+    result = invoke(state, "drift", "retrain", "--model", MODEL, *args)
+    assert result.exit_code == 0, result.output
+    assert "drift: " in result.output and "retraining: python -m llm.finetune" in result.output
+    aliases = registry.aliases(MODEL)
+    assert (aliases["production"], aliases["candidate"]) == ("1", "2")  # a candidate, no more
+    new = registry.get(MODEL, "2")
+    assert new.lineage.kind == "finetune" and len(new.adapter_sha256) == 64
+    assert '"prompts"' in registry.read_text(new, TRAINING_PROFILE_FILE)  # drift can use it next
+
+    again = invoke(state, "drift", "retrain", "--model", MODEL, *args)
+    assert "not retraining: candidate v2 awaits the gate" in again.output
+
+    gate = invoke(state, "registry", "gate", MODEL)
+    assert gate.exit_code == 0 and "gate: " in gate.output
+    promoted = "promoted v2" in gate.output
+    assert registry.aliases(MODEL)["production"] == ("2" if promoted else "1")
+    assert registry.history(MODEL)[-1].reason.startswith("gate: ") or not promoted

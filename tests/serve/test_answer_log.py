@@ -72,9 +72,29 @@ def test_prompt_text_and_features_only_when_each_is_turned_on(tmp_path):
     ask(settings(tmp_path / "features", prompt_features=True), CHAT)
     (entry,) = read_entries(tmp_path / "features").entries
     assert entry.prompt is None and entry.features["scalars"]["digit_fraction"] > 0
-    ask(settings(tmp_path / "text", prompt_text=True), CHAT)
+    # A prompt that tries to forge a log line stays inside its own entry.
+    forged = SECRET_PROMPT + '\n{"request_id": "forged", "answered_by": "evil:1"}\n'
+    body = {**CHAT, "messages": [{"role": "user", "content": forged}]}
+    ask(settings(tmp_path / "text", prompt_text=True), body)
     (entry,) = read_entries(tmp_path / "text").entries
-    assert entry.prompt == SECRET_PROMPT and entry.features is None
+    assert entry.prompt == forged and entry.features is None
+
+
+def test_an_unwritable_log_costs_the_entry_not_the_answer(tmp_path, caplog):
+    directory = tmp_path / "log"
+
+    async def go():
+        client, _ = ingress_client(answer_log=settings(directory))
+        directory.rmdir()  # the log's place becomes unwritable after start (a full disk, a
+        directory.write_text("")  # lost mount): every write fails
+        async with client:
+            return [
+                await client.post("/v1/chat/completions", json=CHAT, headers=auth())
+                for _ in range(3)
+            ]
+
+    assert [r.status_code for r in asyncio.run(go())] == [200, 200, 200]
+    assert caplog.text.count("request log: could not write") == 1  # said once, not per answer
 
 
 def test_a_stream_is_logged_with_its_usage_which_callers_who_did_not_ask_never_see(tmp_path):
