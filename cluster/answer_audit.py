@@ -62,8 +62,12 @@ def _version_lines(registry: Registry, entry: AnsweredRequest) -> list[str]:
         p = lineage.privacy
         lines.append(f"  this run    epsilon {p.epsilon:.4g} at delta {p.delta:g} ({p.mode})")
     for source, spent in sorted(lineage.data_privacy.items()):
-        eps = "no DP" if spent.epsilon is None else f"epsilon {spent.epsilon:.4g}"
-        lines.append(f"  privacy     {source}: {eps} composed over its ancestry")
+        spent_text = (
+            "used without differential privacy (no guarantee)"
+            if spent.epsilon is None
+            else f"epsilon {spent.epsilon:.4g} composed over its ancestry"
+        )
+        lines.append(f"  privacy     data {source}: {spent_text}")
     if entry.model == record.name:  # asked by alias: who had put this version there?
         moved = holder_at(registry.history(record.name), PRODUCTION, entry.timestamp)
         if moved is None:

@@ -155,5 +155,6 @@ def writer_name() -> str:
     return f"{os.uname().nodename}-{os.getpid()}"
 
 
-def key_id(key_sha256: str | None) -> str | None:
-    return key_sha256[:KEY_ID_CHARS] if key_sha256 else None
+def key_id(key_hash: str | None) -> str | None:
+    """The first hex digits of a key's hash (`sha256:<hex>` or `<hex>`)."""
+    return key_hash.removeprefix("sha256:")[:KEY_ID_CHARS] if key_hash else None

@@ -71,7 +71,7 @@ def test_writer_names_cannot_leave_the_log_directory(tmp_path):
 
 
 def test_key_ids_are_a_prefix_of_the_hash():
-    assert key_id("f" * 64) == "f" * 12 and key_id(None) is None
+    assert key_id("sha256:" + "f" * 64) == key_id("f" * 64) == "f" * 12 and key_id(None) is None
 
 
 def test_since_takes_durations_and_iso_times():

@@ -61,7 +61,10 @@ def test_a_whole_answer_is_logged_with_ids_key_id_and_tokens_never_the_key_or_pr
     assert response.status_code == 200
     (entry,) = read_entries(tmp_path).entries
     assert (entry.request_id, entry.response_id) == ("req-42", "chatcmpl-9")
-    assert entry.key_id == hash_api_key(KEY)[:12] and entry.answered_by == BASE
+    assert (
+        entry.key_id == hash_api_key(KEY).removeprefix("sha256:")[:12] and len(entry.key_id) == 12
+    )
+    assert entry.answered_by == BASE
     assert (entry.prompt_tokens, entry.completion_tokens, entry.complete) == (11, 3, True)
     assert entry.adapter is None and entry.prompt is None and entry.features is None
     logged = "".join(p.read_text() for p in tmp_path.glob("*.jsonl"))
