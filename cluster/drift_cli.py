@@ -32,7 +32,7 @@ from cluster.jobs import run_module
 from cluster.lineage import TRAINING_PROFILE_FILE
 from cluster.options import ConfigOpt, JobAddressOpt, StateOpt, TrackingOpt
 from cluster.prompt_features import PromptFeatures, read_profile
-from cluster.registry import CANDIDATE, PRODUCTION, Registry, RegistryError
+from cluster.registry import CANDIDATE, PRODUCTION, Registry
 from cluster.registry_cli import open_registry
 from cluster.request_log import parse_duration, parse_since, read_entries
 from cluster.serve_config import DriftSettings, ServeConfig
@@ -103,15 +103,17 @@ def _settings(serve_config: Path | None) -> tuple[DriftSettings, str | None]:
 
 
 def _reference(registry: Registry, model: str, version: str) -> list[PromptFeatures]:
-    record = registry.get(model, version)
-    try:
-        return read_profile(registry.read_text(record, TRAINING_PROFILE_FILE))
-    except (OSError, RegistryError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(
-            f"{model} v{version} has no readable training profile ({TRAINING_PROFILE_FILE}): "
-            "it was registered before fedforge recorded one; compare with a newer version "
-            f"(--version) or retrain it ({type(exc).__name__})"
-        ) from None
+    text = registry.read_optional(registry.get(model, version), TRAINING_PROFILE_FILE)
+    if text is not None:
+        try:
+            return read_profile(text)
+        except (ValueError, KeyError, TypeError):
+            pass  # edited after registration: said below like a missing one
+    raise UserError(
+        f"{model} v{version} has no readable training profile ({TRAINING_PROFILE_FILE}): it was "
+        "registered before fedforge recorded one, or the file was changed; compare with another "
+        "version (--version) or retrain"
+    )
 
 
 def _features(answered: list) -> list[PromptFeatures]:

@@ -294,7 +294,8 @@ class Registry:
             path = f"{record.artifact_path}/{filename}"
             return Path(self.client.download_artifacts(record.run_id, path, tmp)).read_text()
 
-    def _read_optional(self, record: VersionRecord, filename: str) -> str | None:
+    def read_optional(self, record: VersionRecord, filename: str) -> str | None:
+        """`read_text`, or None when the version has no such file."""
         try:
             return self.read_text(record, filename)
         except (MlflowException, OSError):
@@ -305,7 +306,7 @@ class Registry:
     def card(self, record: VersionRecord) -> str:
         """The version's model card as stored at registration (generated now, and said so, for
         a version older than stored cards), followed by what happened to it since."""
-        stored = self._read_optional(record, MODEL_CARD_FILE)
+        stored = self.read_optional(record, MODEL_CARD_FILE)
         entries = self.history(record.name)
         registered = next(
             (
@@ -323,7 +324,7 @@ class Registry:
                 version=record.version,
                 run_id=record.run_id,
                 lineage=record.lineage,
-                config_text=self._read_optional(record, CONFIG_FILE),
+                config_text=self.read_optional(record, CONFIG_FILE),
                 registered_at=registered.time if registered else None,
                 adapter_sha256=record.adapter_sha256,
             )

@@ -139,6 +139,18 @@ def test_too_little_traffic_gets_no_verdict_and_no_logging_a_clear_error(
     assert few.exit_code == 3 and "too little traffic" in few.output
 
 
+def test_a_version_without_a_training_profile_is_named_not_a_traceback(
+    empty_state, served, stub_adapter, tmp_path
+):
+    registry, config, held_out = served
+    with registry.run("drift", MODEL, {}) as run_id:  # registered before profiles existed
+        registry.register_adapter(MODEL, stub_adapter, run_id, Lineage(kind="x", base_model="t"))
+    log_answers(empty_state, held_out)
+    args = ("--serve-config", str(config), "--version", "2", "--out", str(tmp_path / "r"))
+    result = invoke(empty_state, "drift", "report", "--model", MODEL, *args)
+    assert result.exit_code == 2 and "v2 has no readable training profile" in result.output
+
+
 def test_retrain_submits_on_drift_once_then_waits_for_the_gate(empty_state, served, stub_adapter):
     registry, config, held_out = served
     args = ("drift", "retrain", "--model", MODEL, "--config", "configs/finetune/tiny.yaml")
