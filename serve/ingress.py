@@ -5,9 +5,10 @@ class. This one keeps the stock constructor and serves only the routes it overri
 registers no others): each checks `Authorization: Bearer` first, then the body against the
 route's contract (serve.request_checks), then the caller's budgets (serve.rate_limit), resolves
 registry adapter ids (serve.adapters), and only then delegates to the stock handler, with the
-caller's credentials removed from what is forwarded to the engine replica. `GET /health` is a
-readiness probe. Every refusal and every exception is answered in OpenAI's error shape
-(serve.errors), never with internal text.
+caller's credentials removed from what is forwarded to the engine replica. Answers name the
+version and adapter digest that produced them (serve.relabel) and, with the request log on, are
+logged (serve.answer_log). `GET /health` is a readiness probe. Every refusal and every exception
+is answered in OpenAI's error shape (serve.errors), never with internal text.
 """
 
 from __future__ import annotations
