@@ -287,6 +287,14 @@ def retrain(
             f"{config} registers '{job_config.registry.model_name}', not '{model}': the new "
             "version must be a candidate of the model that drifted"
         )
+    # The cooldown reads the registry the job will register in, not another one.
+    job_store = job_config.registry.tracking_uri
+    if tracking_uri and tracking_uri != job_store:
+        raise UserError(
+            f"--tracking-uri differs from {config}'s registry.tracking_uri: the job would register "
+            "its candidate in another registry than the one checked (set it in the config only)"
+        )
+    tracking_uri = job_store
     registry, check = _run_check(model, serve_config, since, None, log, tracking_uri, state_dir)
     typer.echo(check.headline())
     if check.result is None or not check.result.drift:

@@ -14,8 +14,8 @@ and the training job for its training prompts (registered beside the adapter as
   though a very short prompt's words can be guessed by hashing candidates: keep the log as
   private as the traffic.
 
-Cost at the ingress: 0.1 ms for a 100-character prompt, 1 ms for 2,000, 5 ms for the largest
-allowed (32,000), measured on the 2-core VM.
+What they cost the ingress per answer: `python scripts/bench_request_log.py` (docs/GOVERNANCE.md
+has the table).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 SKETCH_DIM = 64
 # The sketch reads a prompt's first this many words: the ingress computes it on its event loop,
-# and a 32,000-character prompt would otherwise cost ~45 ms there.
+# where the contract's largest prompt would otherwise cost tens of milliseconds.
 SKETCH_MAX_WORDS = 512
 FEATURES_VERSION = 1  # of how features are computed: logs and profiles of another are not compared
 PROFILE_MAX_PROMPTS = 2000  # a training profile keeps at most this many (a seeded sample)

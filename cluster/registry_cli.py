@@ -117,12 +117,20 @@ def promote(
 @registry_app.command()
 def gate(name: ModelNameArg, tracking_uri: TrackingOpt = None, state_dir: StateOpt = None) -> None:
     """The evaluation gate: promote the best version registered after production if it beats
-    production on held-out accuracy within its privacy budgets (what the demo runs)."""
+    production on held-out accuracy within its privacy budgets (what the demo runs). Versions
+    that held production before (rolled back from) are not judged again."""
     registry = open_registry(tracking_uri, state_dir)
     production = registry.aliases(name).get(PRODUCTION)
-    newer = [v for v in registry.versions(name) if int(v.version) > int(production or 0)]
+    served = {e.new for e in registry.history(name) if e.alias == PRODUCTION}
+    newer = [
+        v
+        for v in registry.versions(name)
+        if int(v.version) > int(production or 0) and v.version not in served
+    ]
     if not newer:
-        raise UserError(f"no version of '{name}' newer than production to judge")
+        raise UserError(
+            f"no version of '{name}' newer than production that has not served before, to judge"
+        )
     typer.echo(f"gate: {run_gate(registry, name, newer).message}")
 
 

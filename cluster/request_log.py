@@ -85,11 +85,6 @@ class RequestLogWriter:
         self._day = day
         remove_expired(self.directory, day - timedelta(days=self.retention_days))
 
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-            self._file = None
-
 
 def remove_expired(directory: Path, before: date) -> None:
     for path in directory.glob("requests-*.jsonl"):
@@ -112,7 +107,8 @@ def read_entries(directory: str | Path, since: datetime | None = None) -> ReadRe
     paths = sorted(directory.glob("requests-*.jsonl")) if directory.is_dir() else []
     for path in paths:
         match = FILE_NAME.fullmatch(path.name)
-        if not match or (since and date.fromisoformat(match[1]) < since.date()):
+        # Files are named by UTC day: compare with the UTC day `since` falls on.
+        if not match or (since and date.fromisoformat(match[1]) < since.astimezone(UTC).date()):
             continue
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:

@@ -90,7 +90,7 @@ class AnswerLog:
         wanted = self.settings.prompt_features or self.settings.prompt_text
         text = asked_text(body) if wanted else None
         return Pending(
-            log=self,
+            answer_log=self,
             started=time.time(),
             request_id=request.headers.get("x-request-id", ""),
             key_id=key_id(bearer_hash(request.headers.get("authorization"))),
@@ -109,7 +109,7 @@ class AnswerLog:
 class Pending:
     """An answer under way: written to the log when its body is complete (or cut)."""
 
-    log: AnswerLog
+    answer_log: AnswerLog
     started: float
     request_id: str
     key_id: str | None
@@ -122,7 +122,8 @@ class Pending:
 
     def write(self, answered_by: str, route: AdapterRoute | None, answer: dict, complete: bool):
         usage = answer.get("usage") or {}
-        self.log.write(
+        digest = (route.adapter_sha256 or None) if route else None
+        self.answer_log.write(
             AnsweredRequest(
                 request_id=self.request_id,
                 response_id=answer.get("id"),
@@ -134,7 +135,7 @@ class Pending:
                 answered_by=answered_by,
                 adapter=route.name if route else None,
                 version=route.version if route else None,
-                adapter_sha256=route.adapter_sha256 or None if route else None,
+                adapter_sha256=digest,
                 stream=self.stream,
                 complete=complete,
                 prompt_tokens=usage.get("prompt_tokens"),

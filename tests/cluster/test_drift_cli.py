@@ -139,6 +139,21 @@ def test_too_little_traffic_gets_no_verdict_and_no_logging_a_clear_error(
     assert few.exit_code == 3 and "too little traffic" in few.output
 
 
+def test_edited_log_lines_are_skipped_and_counted_not_a_traceback(empty_state, served, tmp_path):
+    _, config, held_out = served
+    log_answers(empty_state, held_out)
+    (path,) = empty_state.request_log.glob("*.jsonl")
+    first = json.loads(path.read_text().splitlines()[0])
+    with path.open("a") as f:
+        f.write(json.dumps({**first, "features": {"v": 1, "scalars": {}}}) + "\n")
+        f.write(json.dumps({**first, "features": {"v": 99, "scalars": {}, "sketch": []}}) + "\n")
+        f.write("not json at all\n")
+    result = report(empty_state, config, tmp_path / "edited")
+    assert result.exit_code == 0 and "no drift" in result.output
+    assert f"{len(held_out)} prompts" in result.output
+    assert "skipped 2 logged answers whose features are malformed" in result.output
+
+
 def test_a_version_without_a_training_profile_is_named_not_a_traceback(
     empty_state, served, stub_adapter, tmp_path
 ):
@@ -176,6 +191,8 @@ def test_retrain_submits_on_drift_once_then_waits_for_the_gate(empty_state, serv
 
     other = invoke(empty_state, *args[:2], "--model", "someone-else", *args[4:])
     assert other.exit_code == 2 and "registers 'fedforge-tiny', not 'someone-else'" in other.output
+    elsewhere = invoke(empty_state, *args, "--tracking-uri", "http://other-mlflow:5000")
+    assert elsewhere.exit_code == 2 and "another registry than the one checked" in elsewhere.output
 
 
 def test_audit_request_names_the_version_its_digest_data_and_who_promoted_it(empty_state, served):
@@ -191,6 +208,8 @@ def test_audit_request_names_the_version_its_digest_data_and_who_promoted_it(emp
 
     (forged,) = log_answers(empty_state, held_out[:1], version="1", digest="0" * 64)
     assert "DIFFERS" in invoke(empty_state, "audit", "request", forged).output
+    # A caller who reuses someone's X-Request-ID does not hide the first answer: both show.
+    assert invoke(empty_state, "audit", "request", request_id).output.count("answered by") == 2
     missing = invoke(empty_state, "audit", "request", "no-such-id")
     assert missing.exit_code == 2 and "request_log.enabled" in missing.output
 

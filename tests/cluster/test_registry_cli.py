@@ -54,3 +54,13 @@ def test_user_errors_are_one_line_not_a_traceback(empty_state, stub_adapter):
     assert missing.exit_code == 2 and "error: no version '9'" in missing.output
     no_record = invoke(state, "privacy", "report", "demo-model:1")
     assert no_record.exit_code == 2 and "has no privacy record" in no_record.output
+
+
+def test_the_gate_never_brings_back_a_version_rolled_back_from(empty_state, stub_adapter):
+    registry = registered(empty_state, stub_adapter)  # v1, v2 at the same accuracy
+    registry.promote("demo-model", "1")
+    registry.promote("demo-model", "2")
+    registry.rollback("demo-model", reason="answers got worse")
+    refused = invoke(empty_state, "registry", "gate", "demo-model")
+    assert refused.exit_code == 2 and "has not served before" in refused.output
+    assert registry.aliases("demo-model")["production"] == "1"
