@@ -6,7 +6,10 @@ Two ledgers, both append-only and both written before anything they account is r
   its absolute round, noise multiplier and sampled nodes, before any client is asked; every
   reply (kept, rejected or failed) is logged as it arrives; the attempt is marked done only
   after its round is saved. A crash anywhere leaves an attempt that is charged again when the
-  run resumes and re-runs that round. The run's epsilon comes from this ledger.
+  run resumes and re-runs that round. The run's epsilon comes from this ledger. A last line a
+  crash cut short is replaced by a `torn` event before anything is appended (the attempt it
+  belonged to, or may have started, is charged as unfinished); any other line that does not
+  parse stops the run (`LedgerError`): an event that vanished could under-report epsilon.
 - Each client's (`ClientState.ledger` in Flower's `context.state`): one `Charge` per attempt it
   trained in, at its own sampling rate, written before it replies. The server sends every
   earlier attempt of the run (`TrainTask.schedule`); attempts a client has no record of (its
@@ -17,7 +20,6 @@ Light imports only (no torch, no Opacus): ClientApps import this module.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from cluster.errors import UserError
 
 History = list[tuple[float, float, int]]  # Opacus' accountant: (noise_multiplier, rate, steps)
 
@@ -116,7 +120,54 @@ class _Done(BaseModel):
     round: int
 
 
-_EVENT = TypeAdapter(_Started | _Reply | _Done)
+class _Torn(BaseModel):
+    """A last line a crash cut short, removed: its attempt is charged as one that never finished
+    (and, if the line may have started it, at the run's smallest noise and most steps)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    event: Literal["torn"] = "torn"
+    attempt: int  # the attempt the cut line belonged to, or may have started
+    opened: bool  # the cut line may have started `attempt` (its round and noise are lost)
+    dropped: int  # bytes removed
+
+
+Event = _Started | _Reply | _Done | _Torn
+_EVENT = TypeAdapter(Event)
+# Cut lines recognisably of an open attempt; any other may have started a new one.
+_CLOSING = (b'{"event":"reply"', b'{"event":"done"')
+
+
+class LedgerError(UserError):
+    """The ledger cannot be trusted to hold every release (a line lost, a round never logged)."""
+
+
+def _last_attempt(events: list[Event]) -> int:
+    return max((e.attempt for e in events if e.event in ("started", "torn")), default=0)
+
+
+def _torn(events: list[Event], tail: bytes) -> _Torn:
+    """The event a cut last line `tail` stands for, after the whole `events` before it."""
+    last = _last_attempt(events)
+    opened = not tail.startswith(_CLOSING) or last == 0
+    return _Torn(attempt=last + 1 if opened else last, opened=opened, dropped=len(tail))
+
+
+def _releases(events: list[Event]) -> list[tuple[_Started, bool]]:
+    """(attempt, assumed) for every attempt with DP that may have released: the started ones,
+    and each one a cut line may have started (its noise unknown: the run's smallest; its round
+    unknown: 0)."""
+    started = [e for e in events if e.event == "started" and e.noise is not None]
+    opened = [e.attempt for e in events if e.event == "torn" and e.opened]
+    if not started:
+        return []
+    noise, steps = min(s.noise for s in started), max(s.steps for s in started)
+    guessed = [_Started(attempt=a, round=0, noise=noise, steps=steps, sampled=[]) for a in opened]
+    releases = [(s, False) for s in started] + [(g, True) for g in guessed]
+    return sorted(releases, key=lambda release: release[0].attempt)
+
+
+def _line(event: BaseModel) -> bytes:
+    return (event.model_dump_json() + "\n").encode()
 
 
 class ServerLedger:
@@ -128,30 +179,55 @@ class ServerLedger:
         self.path = root / self.FILE
 
     def _append(self, event: BaseModel) -> None:
+        self.repair()  # else the event would merge into a cut line, and be lost with it
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(event.model_dump_json() + "\n")
+        with self.path.open("ab") as f:
+            f.write(_line(event))
             f.flush()
             os.fsync(f.fileno())  # durable before the release it accounts happens
 
-    def events(self) -> list[_Started | _Reply | _Done]:
-        if not self.path.exists():
-            return []
+    def _read(self) -> tuple[list[Event], int, bytes]:
+        """The whole lines' events, where they end, and the cut last line after them."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        end = data.rfind(b"\n") + 1
         events = []
-        for line in self.path.read_text().splitlines():
+        for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
             try:
                 events.append(_EVENT.validate_json(line))
-            except (ValidationError, json.JSONDecodeError):  # a line cut short by a crash
-                continue
-        return events
+            except ValidationError:
+                raise LedgerError(
+                    f"{self.path}, line {number}: not a ledger event; an event lost there "
+                    "could under-report epsilon, so this run's privacy cannot be accounted: "
+                    "start a new run (a new name)"
+                ) from None
+        return events, end, data[end:]
+
+    def events(self) -> list[Event]:
+        """Every event; a cut last line reads as the `torn` event `repair` replaces it with."""
+        events, _, tail = self._read()
+        return [*events, _torn(events, tail)] if tail else events
+
+    def repair(self) -> None:
+        """Replace a last line a crash cut short by its `torn` event, in place (a crash in
+        between leaves a cut line again, repaired the same way)."""
+        events, end, tail = self._read()
+        if not tail:
+            return
+        with self.path.open("r+b") as f:
+            f.seek(end)
+            f.write(_line(_torn(events, tail)))
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
 
     def attempts(self) -> list[Attempt]:
+        """The started attempts (what clients are told of; a cut one is charged by the server)."""
         return [Attempt(e.attempt, e.round, e.noise) for e in self.events() if e.event == "started"]
 
     def start(
         self, server_round: int, noise: float | None, steps: int, sampled: list[int]
     ) -> Attempt:
-        attempt = len(self.attempts()) + 1
+        attempt = _last_attempt(self.events()) + 1  # after any a cut line may have started
         self._append(
             _Started(attempt=attempt, round=server_round, noise=noise, steps=steps, sampled=sampled)
         )
@@ -167,6 +243,26 @@ class ServerLedger:
     def done(self, attempt: Attempt) -> None:
         self._append(_Done(attempt=attempt.attempt, round=attempt.round))
 
+    def check_started(self, rounds: Iterable[int]) -> None:
+        """Refuse (LedgerError) when a saved round has no started attempt here: the ledger
+        lost the release that produced it."""
+        started = {e.round for e in self.events() if e.event == "started"}
+        if lost := sorted(set(rounds) - started):
+            raise LedgerError(
+                f"{self.path}: rounds {lost} were saved but no attempt at them was logged: the "
+                "ledger lost a release, so this run's privacy cannot be accounted; start a new "
+                "run (a new name)"
+            )
+
+    def bindings(self) -> dict[str, int]:
+        """Each client's node: the node of its latest kept reply (a partition moves to another
+        node only once its node left)."""
+        return {
+            e.client: e.node
+            for e in self.events()
+            if e.event == "reply" and e.status == "kept" and e.client is not None
+        }
+
     def charges(
         self, in_cluster_rates: Mapping[str, float], central: bool = False
     ) -> dict[str, list[Charge]]:
@@ -179,47 +275,52 @@ class ServerLedger:
         - Local DP, an outside client: every attempt it replied in (kept or rejected: the
           server saw it), and, from its first reply on, every attempt that never finished or
           in which its node failed; at the largest rate it was ever charged at.
+        - An attempt a cut line belonged to: every outside client ever seen (the cut line may
+          have been its first reply).
         """
         events = self.events()
-        started = [e for e in events if e.event == "started" and e.noise is not None]
-        done = {e.attempt for e in events if e.event == "done"}
         replies = [e for e in events if e.event == "reply"]
-        outside_nodes = {
-            r.node: r.client for r in replies if r.client and r.client.startswith(OUTSIDE_PREFIX)
-        }
-        outside_rate: dict[str, float] = {}
-        for r in replies:
-            if r.client in outside_nodes.values() and r.rate is not None:
-                outside_rate[r.client] = max(outside_rate.get(r.client, 0.0), r.rate)
+        finished = {e.attempt for e in events if e.event == "done"}
+        torn = {e.attempt for e in events if e.event == "torn"}
+        outside = _outside_rates(replies)
         charges: dict[str, list[Charge]] = {}
-        for s in started:
+        for s, assumed in _releases(events):
             if central:
-                names = [*in_cluster_rates, *outside_rate]
-                for name in names:
-                    charges.setdefault(name, []).append(
-                        Charge(s.attempt, s.round, s.noise, 1.0, s.steps)
-                    )
-                continue
-            for name, rate in in_cluster_rates.items():
+                rates = dict.fromkeys([*in_cluster_rates, *outside], 1.0)
+            else:
+                rates = dict(in_cluster_rates)
+                for name, rate in outside.items():
+                    if s.attempt in torn or _outside_charged(name, s.attempt, replies, finished):
+                        rates[name] = rate
+            for name, rate in rates.items():
                 charges.setdefault(name, []).append(
-                    Charge(s.attempt, s.round, s.noise, rate, s.steps)
+                    Charge(s.attempt, s.round, s.noise, rate, s.steps, assumed)
                 )
-            here = [r for r in replies if r.attempt == s.attempt]
-            for name, rate in outside_rate.items():
-                first = min(r.attempt for r in replies if r.client == name)
-                replied = any(
-                    r.status != "failed" and name in (r.client, outside_nodes.get(r.node))
-                    for r in here
-                )
-                node_failed = any(
-                    r.status == "failed" and outside_nodes.get(r.node) == name for r in here
-                )
-                unfinished = s.attempt not in done
-                if replied or (s.attempt >= first and (unfinished or node_failed)):
-                    charges.setdefault(name, []).append(
-                        Charge(s.attempt, s.round, s.noise, rate, s.steps)
-                    )
         return charges
 
     def done_rounds(self) -> set[int]:
         return {e.round for e in self.events() if e.event == "done"}
+
+
+def _outside_nodes(replies: list[_Reply]) -> dict[int, str]:
+    return {r.node: r.client for r in replies if r.client and r.client.startswith(OUTSIDE_PREFIX)}
+
+
+def _outside_rates(replies: list[_Reply]) -> dict[str, float]:
+    """Each outside client's largest rate charged in any reply."""
+    names = set(_outside_nodes(replies).values())
+    rates: dict[str, float] = {}
+    for r in replies:
+        if r.client in names and r.rate is not None:
+            rates[r.client] = max(rates.get(r.client, 0.0), r.rate)
+    return rates
+
+
+def _outside_charged(name: str, attempt: int, replies: list[_Reply], finished: set[int]) -> bool:
+    """Local DP: whether outside client `name` is charged for `attempt` (see `charges`)."""
+    nodes = _outside_nodes(replies)
+    here = [r for r in replies if r.attempt == attempt]
+    replied = any(r.status != "failed" and name in (r.client, nodes.get(r.node)) for r in here)
+    node_failed = any(r.status == "failed" and nodes.get(r.node) == name for r in here)
+    first = min(r.attempt for r in replies if r.client == name)
+    return replied or (attempt >= first and (attempt not in finished or node_failed))

@@ -4,7 +4,7 @@ A config that cannot be planned fails here, naming its key: a missing dataset or
 split (`PartitionError`), an unreachable `privacy.target_epsilon` (`PrivacyPlanError`). A resumed
 run is planned against what its ledger already charged: under a target epsilon the rounds still
 to run get the noise that keeps every client's composed epsilon within the target, or the plan
-is refused with what was spent.
+is refused with what was spent. A ledger that lost an event refuses to plan (LedgerError).
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def make_plan(
 ) -> FederatedPlan:
     pool = load_split(cfg.data).train
     partitions = partition_indices(pool, cfg.federation.num_clients, cfg.partition)
+    if ledger:
+        ledger.repair()  # a line a crash cut short, before the resumed run appends anything
     spent = spent_so_far(cfg, partitions, ledger) if ledger else {}
     return FederatedPlan(
         pool_size=len(pool),

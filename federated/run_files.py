@@ -8,6 +8,8 @@
 A round's line is appended (and synced) before its adapter directory is renamed into place
 whole; a round counts as saved once both exist. A crash between the two leaves a line without
 a directory: the round is run again (and charged again), never reported with an older adapter.
+Every round with a line or an adapter must have an attempt in the privacy ledger: a run whose
+ledger lost one is refused, when it resumes and when it is registered.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 from cluster.errors import UserError
 from cluster.state import StateDir
 from federated.adapter_state import arrays_to_adapter
+from federated.ledger import ServerLedger
 from federated.strategy import RoundReport
 from llm.lora import save_adapter
 
@@ -42,7 +45,9 @@ class RunFiles:
 
     def latest_round(self) -> int | None:
         """The last round saved whole, its line and its adapter, with every round before it
-        (0: only the initial adapter), None if none."""
+        (0: only the initial adapter), None if none. LedgerError if the privacy ledger lost
+        the attempt of a saved round (where a resumed run starts, it is checked)."""
+        self.check_charged()
         dirs, logged = self.saved_dirs(), {r.round for r in self.rounds()}
         if 0 not in dirs:
             return None
@@ -56,8 +61,16 @@ class RunFiles:
         self.append_round(report)
         self.save_adapter(model, arrays, report.round)
 
+    def check_charged(self) -> None:
+        """Refuse (LedgerError) a run with a saved round, its line or its adapter, that the
+        privacy ledger holds no attempt at: the release that produced it was never charged."""
+        saved = self.saved_dirs() | {r.round for r in self.rounds()}
+        ServerLedger(self.root).check_started(saved - {0})
+
     def check_complete(self, rounds: int) -> None:
-        """Refuse to publish a run whose log and saved rounds disagree (UserError)."""
+        """Refuse to publish a run whose log and saved rounds disagree, or whose ledger lost a
+        round's attempt (UserError)."""
+        self.check_charged()
         dirs, logged = self.saved_dirs(), {r.round for r in self.rounds()}
         wanted = set(range(1, rounds + 1))
         if not wanted <= dirs or not wanted <= logged:
@@ -82,8 +95,11 @@ class RunFiles:
         return save_adapter(model, self.adapter_dir(server_round))
 
     def append_round(self, report: RoundReport) -> None:
-        with self.rounds_log.open("a") as f:
-            f.write(report.model_dump_json() + "\n")
+        log = self.rounds_log
+        last = log.read_bytes()[-1:] if log.exists() else b""
+        cut = last not in (b"", b"\n")  # a line a crash cut short
+        with log.open("a") as f:
+            f.write(("\n" if cut else "") + report.model_dump_json() + "\n")  # not merged into it
             f.flush()
             os.fsync(f.fileno())
 

@@ -8,16 +8,24 @@ history the scenario really produced (which noise, which rate, how many steps, h
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 from flwr.app import Array, ArrayRecord, Message
 
-from federated.ledger import ServerLedger, in_cluster_client, outside_client, sample_rate
+from federated.ledger import (
+    LedgerError,
+    ServerLedger,
+    history_of,
+    in_cluster_client,
+    outside_client,
+    sample_rate,
+)
 from federated.local_train import TaskRefused, train_for_node
 from federated.node_task import ClientState, NodeTask
 from federated.planning import make_plan
-from federated.privacy import PrivacyPlanError, privacy_record
+from federated.privacy import PrivacyPlanError, epsilon_of, privacy_record
 from federated.protocol import OUTSIDE_CLIENT, TrainTask
 from federated.run_config import NodeConfig, RunSpec
 from federated.run_files import RunFiles
@@ -320,3 +328,104 @@ def test_a_client_refuses_a_task_with_less_noise_than_planned(tmp_path, empty_st
     )
     with pytest.raises(TaskRefused, match="below the planned 1"):
         client_ledger(task, 0.1)
+
+
+def _cut_last_line(ledger: ServerLedger) -> int:
+    """A crash in the middle of the last append: half of the last line is on disk."""
+    data = ledger.path.read_bytes()
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    kept = start + (len(data) - start) // 2
+    ledger.path.write_bytes(data[:kept])
+    return kept - start  # the cut line's bytes left on disk
+
+
+def _ledger_epsilon(charges) -> float:
+    return epsilon_of(history_of(charges), 1e-5, "rdp")
+
+
+def test_a_started_line_cut_by_a_crash_is_repaired_and_every_attempt_is_charged(tmp_path):
+    ledger, q, q_out = ServerLedger(tmp_path), 1 / 41, 1 / 10
+    for n, noise in enumerate([1.2, 1.0], start=1):
+        attempt = ledger.start(n, noise, L, [100, 7])
+        ledger.reply(attempt, 100, "0", q, "kept")
+        if n == 1:
+            ledger.reply(attempt, 7, outside_client(7), q_out, "kept")
+        ledger.done(attempt)
+    ledger.start(3, 1.1, L, [100, 7])
+    on_disk = _cut_last_line(ledger)  # the crash: attempt 3's line is half written
+
+    fourth = ledger.start(3, 1.1, L, [100, 7])  # the resumed run re-runs round 3
+    ledger.reply(fourth, 100, "0", q, "kept")
+    ledger.reply(fourth, 7, outside_client(7), q_out, "kept")
+
+    lines = [json.loads(line) for line in ledger.path.read_text().splitlines()]  # all whole
+    assert {"event": "torn", "attempt": 3, "opened": True, "dropped": on_disk} in lines
+    assert fourth.attempt == 4 and [a.attempt for a in ledger.attempts()] == [1, 2, 4]
+    charges = ledger.charges({"0": q})
+    # The cut attempt is charged at the run's smallest noise (its own is lost), as assumed.
+    assert history_of(charges["0"]) == [(1.2, q, L), (1.0, q, L), (1.0, q, L), (1.1, q, L)]
+    assert [c.assumed for c in charges["0"]] == [False, False, True, False]
+    # The truth: attempts 1, 2 and 4 trained (3 crashed before anyone was asked); charging 3
+    # too, even at its own noise, stays below what the ledger charges.
+    trained = [(1.2, q, L), (1.0, q, L), (1.1, q, L)]
+    assert _ledger_epsilon(charges["0"]) == pytest.approx(
+        opacus_epsilon([(1.2, q, L), (1.0, q, L), (1.0, q, L), (1.1, q, L)]), rel=1e-9
+    )
+    assert _ledger_epsilon(charges["0"]) >= opacus_epsilon([*trained, (1.1, q, L)]) - 1e-12
+    assert _ledger_epsilon(charges["0"]) > opacus_epsilon(trained)
+    # The outside client trained in 1 and 4; the unfinished, cut attempt 3 is charged to it.
+    outside = charges[outside_client(7)]
+    assert [c.attempt for c in outside] == [1, 3, 4]
+    assert _ledger_epsilon(outside) >= opacus_epsilon([(1.2, q_out, L), (1.1, q_out, L)])
+
+
+def test_an_outside_clients_first_reply_cut_by_a_crash_still_charges_its_attempt(tmp_path):
+    ledger, q_out = ServerLedger(tmp_path), 1 / 10
+    first = ledger.start(1, 1.0, L, [9])
+    ledger.reply(first, 9, outside_client(9), q_out, "kept")
+    _cut_last_line(ledger)  # the server saw its update, the crash cut the line saying so
+
+    second = ledger.start(1, 1.0, L, [9])  # the round re-run: the client answers again
+    ledger.reply(second, 9, outside_client(9), q_out, "kept")
+
+    torn = [e for e in ledger.events() if e.event == "torn"]
+    assert [(e.attempt, e.opened) for e in torn] == [(1, False)]  # of the open attempt 1
+    charges = ledger.charges({})[outside_client(9)]
+    assert [c.attempt for c in charges] == [1, 2]
+    assert _ledger_epsilon(charges) == pytest.approx(opacus_epsilon([(1.0, q_out, 2 * L)]))
+
+
+def test_a_ledger_line_that_does_not_parse_before_the_last_is_refused_not_skipped(tmp_path):
+    ledger = ServerLedger(tmp_path)
+    attempt = ledger.start(1, 1.0, L, [100])
+    ledger.reply(attempt, 100, "0", 1 / 41, "kept")
+    ledger.done(attempt)
+    lines = ledger.path.read_bytes().split(b"\n")
+    # What the old append left: a cut line with the next event merged into it.
+    lines[1] = lines[1][:20] + lines[2]
+    ledger.path.write_bytes(b"\n".join(lines))
+
+    for read in (ledger.events, lambda: ledger.charges({"0": 1 / 41}), ledger.repair):
+        with pytest.raises(LedgerError, match=f"{ledger.path}, line 2: not a ledger event"):
+            read()
+    with pytest.raises(LedgerError, match="line 2"):
+        ledger.start(2, 1.0, L, [100])
+
+
+def test_a_saved_round_without_a_started_attempt_is_refused(tmp_path, state):
+    cfg = tiny(tmp_path, federation={"rounds": 2})
+    job(cfg, state, in_cluster)
+    files = RunFiles(state, cfg.name)
+    ledger = ServerLedger(files.root)
+    lines = ledger.path.read_text().splitlines()
+    kept = [x for x in lines if not (json.loads(x)["event"] == "started" and '"round":2' in x)]
+    assert len(kept) == len(lines) - 1
+    ledger.path.write_text("\n".join(kept) + "\n")  # the ledger lost round 2's release
+
+    refused = "rounds \\[2\\] were saved but no attempt at them was logged"
+    with pytest.raises(LedgerError, match=refused):
+        files.check_complete(2)  # registration
+    with pytest.raises(LedgerError, match=refused):
+        files.latest_round()  # where a resumed run starts
+    with pytest.raises(LedgerError, match=refused):
+        job(tiny(tmp_path, federation={"rounds": 3}), state, in_cluster)
