@@ -51,12 +51,11 @@ def _version_lines(registry: Registry, entry: AnsweredRequest) -> list[str]:
         check = "not recorded on both sides"
     else:
         check = "matches the registered files" if digest == entry.adapter_sha256 else "DIFFERS"
-    size = f"  ({lineage.dataset_bytes:,} bytes)" if lineage.dataset_bytes is not None else ""
     lines = [
         f"  version     {record.name} v{record.version} ({lineage.kind}, run "
         f"{lineage.run_name or record.run_id}), adapter digest {check}",
         f"  base model  {lineage.base_model}",
-        f"  data        sha256 {lineage.dataset_sha256 or '-'}{size}",
+        f"  data        digest (keyed) {lineage.dataset_digest or '-'}",
     ]
     if lineage.privacy is not None and lineage.privacy.epsilon is not None:
         p = lineage.privacy
@@ -65,7 +64,7 @@ def _version_lines(registry: Registry, entry: AnsweredRequest) -> list[str]:
         spent_text = (
             "used without differential privacy (no guarantee)"
             if spent.epsilon is None
-            else f"epsilon {spent.epsilon:.4g} composed over its ancestry"
+            else f"epsilon {spent.epsilon:.4g} composed per example over its ancestry"
         )
         lines.append(f"  privacy     data {source}: {spent_text}")
     if entry.model == record.name:  # asked by alias: who had put this version there?

@@ -55,7 +55,7 @@ GENESIS = "0" * 64  # what the first entry names as the hash before it
 MAX_REASON = 1000  # characters: an entry must fit in one MLflow parameter (6000)
 RETRIES = 20  # lost races for a slot before giving up (only under heavy contention)
 
-Action = Literal["register", "promote", "rollback", "delete"]
+Action = Literal["register", "promote", "rollback", "delete", "budget"]
 
 
 class AuditLogError(RuntimeError):
@@ -114,6 +114,11 @@ class AuditEntry(BaseModel):
         if self.alias:
             move = f" {self.alias}: {_v(self.previous)} -> {_v(self.new)}"
         why = f"  reason: {self.reason}" if self.reason else ""
+        if self.action == "budget":  # a model's privacy budget: no version acted on
+            before, after = self.details.get("previous", "-"), self.details.get("epsilon", "-")
+            return (
+                f"#{self.seq:<4} {self.time}  {self.actor}  budget epsilon {before} -> {after}{why}"
+            )
         return f"#{self.seq:<4} {self.time}  {self.actor}  {self.action} v{self.version}{move}{why}"
 
 

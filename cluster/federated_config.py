@@ -88,8 +88,15 @@ class FlowerSettings(Section):
     external_max_examples: int = Field(
         10_000,
         ge=1,
-        description="Most examples an outside client may claim: its FedAvg weight is its "
-        "count, so a reply claiming more is rejected.",
+        description="Most examples an outside client may claim (a reply claiming more is "
+        "rejected); its FedAvg weight is its count, never above the largest in-cluster "
+        "partition.",
+    )
+    aggregation_weights: Literal["examples", "equal"] = Field(
+        "examples",
+        description="FedAvg weights: 'examples' weighs an in-cluster client by its partition's "
+        "size and an outside client by the examples it claims, capped as above; 'equal' gives "
+        "every client the same weight, whatever it claims (central_dp always does).",
     )
     join_timeout_s: float = Field(
         600.0,
@@ -174,10 +181,10 @@ class PrivacySettings(Section):
     budget_epsilon: float | None = Field(
         None,
         gt=0,
-        description="Budget of the clients' data over every version's ancestry: epsilon at "
-        "privacy.delta composed over this run and every federated run on the same data it "
-        "started from (federation.initial_adapter). The promotion gate refuses a version past "
-        "it. null = no budget.",
+        description="The registered model's privacy budget, adopted only if the model has none "
+        "yet (then changed only by `fedforge registry budget`, audited): the epsilon at "
+        "privacy.delta that no data source may pass, composed per example over a version's "
+        "ancestry. Promote, rollback and the gate refuse a version past it. null = none asked.",
     )
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.errors import UserError
+from cluster.privacy_record import budget_overrun
 from cluster.registry import PRODUCTION, Registry, VersionRecord
 
 GATE_METRIC = "eval_accuracy"  # held-out exact-match accuracy, recorded by every job
@@ -48,26 +49,18 @@ def score(record: VersionRecord) -> float:
     return value
 
 
-def privacy_overrun(record: VersionRecord) -> str | None:
-    """Why `record` is past the privacy budget of a data source its ancestry used, or None."""
-    for source, spent in sorted(record.lineage.data_privacy.items()):
-        over = spent.over_budget
-        if over is None:
-            continue
-        used = f"epsilon {spent.epsilon:.3f}" if spent.epsilon is not None else "it without DP"
-        return (
-            f"v{record.version}: its ancestry spent {used} of data {source}, budget "
-            f"{spent.budget_epsilon:g} ({over:.3f} over)"
-        )
-    return None
-
-
-def decide(candidates: list[VersionRecord], current: VersionRecord | None) -> GateDecision:
-    """Promote the best candidate within its privacy budgets if there is no production version
-    or it scores strictly higher; on a tie the earlier candidate wins (order of `candidates`)."""
+def decide(
+    candidates: list[VersionRecord], current: VersionRecord | None, budget: float | None = None
+) -> GateDecision:
+    """Promote the best candidate within the model's privacy `budget` if there is no production
+    version or it scores strictly higher; on a tie the earlier candidate wins (order of
+    `candidates`)."""
     if not candidates:
         raise ValueError("the gate needs at least one candidate version")
-    overruns = {c.version: privacy_overrun(c) for c in candidates}
+    overruns = {
+        c.version: budget_overrun(c.lineage.data_privacy, budget, f"v{c.version}")
+        for c in candidates
+    }
     refused = tuple(why for why in overruns.values() if why)
     eligible = [c for c in candidates if not overruns[c.version]]
     if not eligible:
@@ -80,7 +73,7 @@ def run_gate(registry: Registry, model_name: str, candidates: list[VersionRecord
     """Decide against the registry's current production version and promote if the gate says so."""
     current_ref = registry.aliases(model_name).get(PRODUCTION)
     current = registry.get(model_name, current_ref) if current_ref else None
-    decision = decide(candidates, current)
+    decision = decide(candidates, current, registry.privacy_budget(model_name))
     registry.record_gate(model_name, [c.version for c in candidates], decision.message)
     if decision.promote:
         registry.promote(model_name, decision.best.version, reason=f"gate: {decision.message}")

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import subprocess
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,13 +30,16 @@ PRODUCTION_HISTORY_TAG = TAG_PREFIX + "production_history"
 REGISTRATION_TAG = TAG_PREFIX + "registration"  # "pending" until its last step, then "complete"
 GATE_TAG = TAG_PREFIX + "gate"  # on a version the gate judged: "<UTC time> <its decision>"
 AUDIT_HEAD_TAG = TAG_PREFIX + "audit_head"  # on a model: "<seq> <sha256>" of its last log entry
+PRIVACY_BUDGET_TAG = TAG_PREFIX + "privacy_budget"  # on a model: epsilon per data source
 AUDIT_MODEL_TAG = TAG_PREFIX + "audit_model"  # on the MLflow run that holds a model's audit log
 CONFIG_FILE = "fedforge_config.yaml"  # the job's config, registered beside the adapter
 MODEL_CARD_FILE = "MODEL_CARD.md"  # the version's model card, registered beside the adapter
 # Features of the training prompts (cluster.prompt_features), what drift reports compare with.
 TRAINING_PROFILE_FILE = "training_profile.json"
+# Which examples each run of the version's ancestry used, keyed (cluster.privacy_record.DataUses).
+DATA_USES_FILE = "data_uses.json"
 # Files the registry keeps beside an adapter's own; the adapter's digest covers the others.
-REGISTRY_FILES = frozenset({CONFIG_FILE, MODEL_CARD_FILE, TRAINING_PROFILE_FILE})
+REGISTRY_FILES = frozenset({CONFIG_FILE, MODEL_CARD_FILE, TRAINING_PROFILE_FILE, DATA_USES_FILE})
 # sha256 (cluster.digest.tree_sha256) of the adapter's files, computed by the registry at
 # registration and checked on every download: what an answer's X-Fedforge-Adapter header names.
 ADAPTER_DIGEST_TAG = TAG_PREFIX + "adapter_sha256"
@@ -90,16 +92,6 @@ def recorded_config(config: BaseModel) -> BaseModel:
     return config.model_copy(update={"registry": redacted})
 
 
-def data_size(path: str) -> int | None:
-    """Bytes of the data at `path` (a file, or every file under a directory); None if absent."""
-    data = Path(path)
-    if data.is_file():
-        return data.stat().st_size
-    if data.is_dir():
-        return sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
-    return None
-
-
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in TRACKED_PACKAGES:
@@ -119,9 +111,11 @@ class Lineage(BaseModel):
     base_model: str = Field(description="The config's model.base the adapter was trained on.")
     run_name: str = ""
     lora_rank: int | None = Field(None, description="LoRA r: the engine must allow it.")
-    dataset_sha256: str = ""
-    dataset_bytes: int | None = Field(
-        None, description="Size of the data at data.path (a directory: all its files), in bytes."
+    dataset_digest: str = Field(
+        "",
+        description="HMAC-SHA256 of the data at data.path under the deployment's example key "
+        "(cluster.example_ids): a plain hash or size of data that holds clients' examples would "
+        "let anyone who holds the other examples test one for membership.",
     )
     config_sha256: str = Field(
         "", description=f"sha256 of the job config, registered beside the adapter as {CONFIG_FILE}."
@@ -144,7 +138,7 @@ class Lineage(BaseModel):
         *,
         kind: str,
         config: TrainingJobConfig,
-        dataset_sha256: str,
+        dataset_digest: str,
         metrics: dict[str, float],
         validation_examples: int,
         privacy: PrivacyBudget | None = None,
@@ -156,8 +150,7 @@ class Lineage(BaseModel):
             base_model=config.model.base,
             run_name=config.name,
             lora_rank=config.lora.r,
-            dataset_sha256=dataset_sha256,
-            dataset_bytes=data_size(config.data.path),
+            dataset_digest=dataset_digest,
             config_sha256=config_hash(recorded_config(config)),
             metrics=metrics,
             validation_examples=validation_examples,

@@ -29,15 +29,6 @@ def _table(rows: list[tuple[str, object]], header: tuple[str, ...] = ("", "")) -
     return "\n".join(lines)
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return NOT_RECORDED
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n:,} bytes ({n / scale:.1f} {unit})"
-    return f"{n:,} bytes"
-
-
 def _fence(text: str, lang: str = "") -> str:
     fence = "~~~~" if "```" in text else "```"
     return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
@@ -117,23 +108,23 @@ def _privacy(lineage: Lineage) -> str:
     if lineage.data_privacy:
         rows = []
         for source, spent in sorted(lineage.data_privacy.items()):
-            over = spent.over_budget
-            budget = "-" if spent.budget_epsilon is None else f"{spent.budget_epsilon:g}"
-            if over is not None:
-                budget += " (over)" if over == float("inf") else f" ({over:.3g} over)"
+            if not spent.private:
+                used = "no DP by design: no guarantee claimed"
+            else:
+                used = "no DP: no guarantee" if spent.epsilon is None else f"{spent.epsilon:.4g}"
             rows.append(
                 (
                     source,
-                    "no DP: no guarantee" if spent.epsilon is None else f"{spent.epsilon:.4g}",
+                    used,
                     "-" if spent.delta is None else f"{spent.delta:g}",
-                    budget,
                     ", ".join(spent.versions) or "-",
                 )
             )
         parts.append(
-            "Cumulative, per data source (dataset sha256 prefix / share), composed over every run "
-            "on it in this version's ancestry:\n\n"
-            + _table(rows, ("data source", "epsilon", "delta", "budget", "ancestor versions"))
+            "Cumulative, per data source (keyed dataset digest prefix / share), composed per "
+            "example over every run in this version's ancestry that used it (the model's budget "
+            "and the full guarantee: `fedforge privacy certificate`):\n\n"
+            + _table(rows, ("data source", "epsilon", "delta", "ancestor versions"))
         )
     return "\n\n".join(parts)
 
@@ -163,10 +154,7 @@ def render_card(
     data_rows: list[tuple[str, object]] = []
     if data is not None:
         data_rows.append(("path", f"`{data.path}`"))
-    data_rows += [
-        ("sha256", lineage.dataset_sha256 or NOT_RECORDED),
-        ("size", _size(lineage.dataset_bytes)),
-    ]
+    data_rows.append(("digest (keyed)", lineage.dataset_digest or NOT_RECORDED))
     if data is not None:
         share = data.share
         if data.central_fraction:

@@ -67,44 +67,114 @@ class RoundPrivacy(BaseModel):
 
 
 class DataPrivacy(BaseModel):
-    """What a version's ancestry spent of one data source: the lineage keeps one per source."""
+    """What a version's ancestry spent of one data source: the lineage keeps one per source.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Composed per example (federated.ancestry): the epsilon of a source is the worst over its
+    examples of everything released about each one in the ancestry, whichever run, file or
+    share it came through."""
+
+    # Records before the budget moved to the registered model carried `budget_epsilon`.
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     epsilon: float | None = Field(
-        description="Composed over every run on this data in the version's ancestry, at `delta`; "
-        "None: the data was used without differential privacy (e.g. central fine-tuning)."
+        description="At `delta`; None: no guarantee (some run in the ancestry used at least one "
+        "of these examples without differential privacy)."
     )
     delta: float | None = None
-    budget_epsilon: float | None = Field(None, description="The budget the config set for it.")
+    private: bool = Field(
+        True,
+        description="A run claimed DP for these examples, so a privacy budget binds them. False "
+        "only for data used without DP by design and never under DP in the ancestry (the central "
+        "share of a fine-tune).",
+    )
     versions: list[str] = Field(
         default_factory=list, description="Ancestor versions (name:version) whose runs it composes."
     )
 
-    @property
-    def over_budget(self) -> float | None:
-        """By how much epsilon exceeds the budget (inf without DP), None when within it."""
-        if self.budget_epsilon is None:
+    def over(self, budget: float) -> float | None:
+        """By how much epsilon exceeds `budget` (inf: no guarantee left), None within it or for
+        data that never claimed DP."""
+        if not self.private:
             return None
         if self.epsilon is None:
             return float("inf")
-        return self.epsilon - self.budget_epsilon if self.epsilon > self.budget_epsilon else None
+        return self.epsilon - budget if self.epsilon > budget else None
 
 
-def data_source(dataset_sha256: str, share: str) -> str:
-    """A data source's name: the dataset's content hash and which share of it was used."""
-    return f"{dataset_sha256[:16]}/{share}"
+def budget_overrun(
+    data_privacy: dict[str, DataPrivacy], budget: float | None, label: str
+) -> str | None:
+    """Why a version (`label`, e.g. 'v4') is past `budget` on some data source, or None."""
+    if budget is None:
+        return None
+    for source, spent in sorted(data_privacy.items()):
+        over = spent.over(budget)
+        if over is None:
+            continue
+        if spent.epsilon is None:
+            return (
+                f"{label}: its ancestry used data {source} without differential privacy "
+                f"(epsilon infinite), budget {budget:g}"
+            )
+        return (
+            f"{label}: its ancestry spent epsilon {spent.epsilon:.3f} of data {source}, budget "
+            f"{budget:g} ({over:.3f} over)"
+        )
+    return None
 
 
-def sources_overlap(a: str, b: str) -> bool:
-    """Same dataset and a share in common ('all' holds both the central and the clients' share)."""
-    (data_a, share_a), (data_b, share_b) = a.split("/", 1), b.split("/", 1)
-    return data_a == data_b and (share_a == share_b or "all" in (share_a, share_b))
+def data_source(dataset_digest: str, share: str) -> str:
+    """A data source's display name: the dataset's keyed digest and the share that was used.
+    Names only label: composition goes by the examples (`DataUse.examples`)."""
+    return f"{dataset_digest[:16]}/{share}"
+
+
+class DataUse(BaseModel):
+    """One run's use of a set of examples, what the ancestry composes per example. A version
+    registers the uses of its whole ancestry (`data_uses.json`): its own run's and every
+    ancestor's, so a descendant composes further without reading the ancestors again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(
+        "", description="name:version whose run it was; '' in that version's own file."
+    )
+    source: str = Field(description="Display name (data_source).")
+    rdp: list[float] | None = Field(
+        description="The run's RDP at each order of federated.ancestry.RDP_ORDERS, its worst "
+        "client's (so it holds for any example of the run); None: trained without DP."
+    )
+    key_id: str | None = Field(
+        None,
+        description="The example key that made `examples` (cluster.example_ids). None: which "
+        "examples the run used is not known (a version registered before these records), so it "
+        "is taken to have used every example.",
+    )
+    examples: list[str] = Field(default_factory=list, description="Keyed example ids.")
+    outside_examples: bool = Field(
+        False, description="Outside clients also trained, on examples the server never sees."
+    )
+
+    @property
+    def private(self) -> bool:
+        return self.rdp is not None
+
+
+class DataUses(BaseModel):
+    """The `data_uses.json` a version registers beside its adapter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uses: list[DataUse]
+
+    def of_version(self, ref: str) -> list[DataUse]:
+        """The uses as a descendant sees them: the version's own run named by `ref`."""
+        return [u if u.version else u.model_copy(update={"version": ref}) for u in self.uses]
 
 
 class SourceRdp(BaseModel):
-    """The composed RDP curve of one data source (per `RDP_ORDERS`), kept in privacy.json so a
-    version federated from this one can compose further."""
+    """A data source's RDP curve as versions registered before `data_uses.json` kept it in
+    privacy.json (read for their descendants, never written)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -123,7 +193,9 @@ class PrivacyRecord(PrivacyBudget):
         "Opacus' accountant from these alone.",
     )
     sources: dict[str, SourceRdp] = Field(
-        default_factory=dict, description="Data source -> its RDP composed over the ancestry."
+        default_factory=dict,
+        description="Data source -> its RDP over the ancestry, in records made before "
+        "data_uses.json (read only).",
     )
 
     @property

@@ -38,12 +38,14 @@ from cluster.lineage import (
     CONFIG_FILE,
     GATE_TAG,
     MODEL_CARD_FILE,
+    PRIVACY_BUDGET_TAG,
     PRODUCTION_HISTORY_TAG,
     REGISTRATION_TAG,
     REGISTRY_FILES,
     Lineage,
 )
 from cluster.model_card import lifecycle, render_card
+from cluster.privacy_record import budget_overrun
 from cluster.state import StateDir
 
 log = logging.getLogger(__name__)
@@ -154,9 +156,13 @@ class Registry:
         alias: str | None = CANDIDATE,
         files: dict[str, str] | None = None,
         reason: str | None = None,
+        privacy_budget: float | None = None,
     ) -> VersionRecord:
         """Upload `adapter_dir` (plus `files`, name -> text, beside it) to the run and register
         it as a new version of `name`, with its model card, logged in the audit trail.
+
+        `privacy_budget` (the job config's) becomes the model's budget if it has none yet; a
+        budget once set changes only through `set_privacy_budget`, never by a later config.
 
         The version is created `pending` and marked complete as the last step: a registration
         killed half-way leaves a version no reader serves or promotes, and the next one works.
@@ -197,6 +203,7 @@ class Registry:
             )
             self.client.log_text(run_id, card, f"{artifact_path}/{MODEL_CARD_FILE}")
             with self._alias_lock(name):
+                self._adopt_budget(name, privacy_budget)
                 previous = self.aliases(name).get(alias) if alias else None
                 details = {
                     "run_id": run_id,
@@ -393,6 +400,56 @@ class Registry:
             )
         return check
 
+    # -- privacy budget -------------------------------------------------------------------------
+
+    def privacy_budget(self, name: str) -> float | None:
+        """The model's budget: the epsilon no data source of a production version may pass."""
+        try:
+            value = self.client.get_registered_model(name).tags.get(PRIVACY_BUDGET_TAG)
+        except MlflowException:
+            raise RegistryError(f"no model named '{name}'") from None
+        return float(value) if value else None
+
+    def set_privacy_budget(self, name: str, epsilon: float, reason: str | None = None) -> None:
+        """Set or change the model's budget, logged in its audit trail first."""
+        if not epsilon > 0:
+            raise RegistryError(f"a privacy budget is an epsilon above 0, not {epsilon:g}")
+        with self._alias_lock(name):
+            self._write_budget(name, epsilon, reason)
+
+    def _write_budget(self, name: str, epsilon: float, reason: str | None) -> None:
+        previous = self.privacy_budget(name)
+        details = {"epsilon": f"{epsilon:g}", "previous": f"{previous:g}" if previous else "-"}
+        self._audit(name).append("budget", "-", reason=reason, details=details)
+        self.client.set_registered_model_tag(name, PRIVACY_BUDGET_TAG, repr(float(epsilon)))
+
+    def _adopt_budget(self, name: str, asked: float | None) -> None:
+        current = self.privacy_budget(name)
+        if asked is None or current == asked:
+            return
+        if current is None:
+            self._write_budget(name, asked, "the first budget a job config set")
+            return
+        log.warning(
+            "'%s' keeps its privacy budget epsilon %g (the job's config asked for %g): change it "
+            "with `fedforge registry budget %s EPSILON --reason ...`",
+            name,
+            current,
+            asked,
+            name,
+        )
+
+    def check_budget(self, record: VersionRecord) -> None:
+        """RegistryError naming the overrun if `record` is past its model's privacy budget."""
+        label = f"v{record.version}"
+        if why := budget_overrun(
+            record.lineage.data_privacy, self.privacy_budget(record.name), label
+        ):
+            raise RegistryError(
+                f"'{record.name}' {why}: it may not serve as {PRODUCTION} (a higher budget, if "
+                f"intended: `fedforge registry budget {record.name} EPSILON --reason ...`)"
+            )
+
     # -- aliases ------------------------------------------------------------------------------
 
     def _production(self, name: str) -> list[str]:
@@ -413,6 +470,7 @@ class Registry:
         """Point `production` at a complete version (number or alias, e.g. `candidate`)."""
         with self._alias_lock(name):
             version = self.get(name, ref)
+            self.check_budget(version)
             history = self._production(name)
             if not history or history[-1] != version.version:
                 self._audit(name).append(
@@ -439,6 +497,7 @@ class Registry:
                 except RegistryError:
                     skipped.append(history[i])
                     continue
+                self.check_budget(target)  # refused, not skipped: the operator must choose
                 self._audit(name).append(
                     "rollback",
                     target.version,

@@ -1,5 +1,5 @@
 """`fedforge registry ...`: list, show (with the model card), promote, roll back and delete
-adapter versions; the audit log's history and its verification."""
+adapter versions; a model's privacy budget; the audit log's history and its verification."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _summary_row(model: str, record: VersionRecord, aliases: dict[str, str]) -> 
     return (
         f"{model:<20} {record.version:>4} {names:<22} {lineage.kind:<9} "
         f"{metric('eval_accuracy'):>6} {metric('base_accuracy'):>6} "
-        f"{(lineage.dataset_sha256 or '-')[:12]:<12} {(lineage.git_revision or '-')[:12]:<12}"
+        f"{(lineage.dataset_digest or '-')[:12]:<12} {(lineage.git_revision or '-')[:12]:<12}"
     )
 
 
@@ -99,6 +99,44 @@ def show(
             typer.echo(f"{key}:\n  " + value.rstrip().replace("\n", "\n  "))
         else:
             typer.echo(f"{key}: {value}")
+    for line in spend_lines(record, registry.privacy_budget(name)):
+        typer.echo(line)
+
+
+def spend_lines(record: VersionRecord, budget: float | None) -> list[str]:
+    """Per data source: what the version's ancestry spent against the model's budget."""
+    lines = [
+        f"privacy budget: epsilon {budget:g} per data source"
+        if budget
+        else "privacy budget: none set (`fedforge registry budget NAME EPSILON`)"
+    ]
+    for source, spent in sorted(record.lineage.data_privacy.items()):
+        if not spent.private:
+            used = "used without DP by design (no guarantee claimed; no budget applies)"
+        elif spent.epsilon is None:
+            used = "epsilon infinite: a run in its ancestry used it without DP"
+        else:
+            used = f"epsilon {spent.epsilon:.4g} at delta {spent.delta:g}"
+        over = spent.over(budget) if budget else None
+        verdict = "" if over is None else "  OVER BUDGET"
+        lines.append(f"  spent of data {source}: {used}{verdict}")
+    return lines
+
+
+@registry_app.command()
+def budget(
+    name: ModelNameArg,
+    epsilon: Annotated[float, typer.Argument(help="The epsilon no data source may pass.")],
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    reason: ReasonOpt = None,
+) -> None:
+    """Set or change a model's privacy budget (audited): promote, rollback and the gate refuse
+    a version whose ancestry spent more of any data source."""
+    registry = open_registry(tracking_uri, state_dir)
+    before = registry.privacy_budget(name)
+    registry.set_privacy_budget(name, epsilon, reason=reason)
+    typer.echo(f"{name}: privacy budget epsilon {before if before else '-'} -> {epsilon:g}")
 
 
 @registry_app.command()

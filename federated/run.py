@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from cluster.config import load_config
 from cluster.entry import run_job
+from cluster.example_ids import ExampleKey
 from cluster.federated_config import FederatedConfig
-from cluster.lineage import COMMUNICATION_METRIC
-from cluster.privacy_record import PrivacyRecord
+from cluster.lineage import COMMUNICATION_METRIC, DATA_USES_FILE
+from cluster.privacy_record import DataUse, DataUses, PrivacyRecord
 from cluster.ray_cluster import connect
 from cluster.registry import Registry
 from cluster.state import StateDir
-from federated.ancestry import compose
+from federated.ancestry import ancestor_uses, compose, run_use
 from federated.federation import Federation
 from federated.ledger import ServerLedger
 from federated.plan import FederatedPlan
@@ -37,7 +38,7 @@ from federated.run_config import RunSpec
 from federated.run_files import RunFiles
 from federated.strategy import RoundReport
 from llm.data import dataset_sha256
-from llm.publish import Published, publish_adapter, tracked_run
+from llm.publish import Published, example_ids, own_source, publish_adapter, tracked_run
 from llm.run_identity import check_or_record
 
 # What may change when a run is submitted again: how many rounds, how it is served and judged,
@@ -95,15 +96,19 @@ def _pin_initial_adapter(cfg: FederatedConfig, state: StateDir, files: RunFiles)
     return cfg.model_copy(update={"federation": federation})
 
 
-def _ancestor(cfg: FederatedConfig, registry: Registry):
-    """(name:version, its per-source privacy, its privacy record) of the starting adapter."""
+def _ancestry_uses(cfg: FederatedConfig, registry: Registry) -> list[DataUse]:
+    """Every data use of the starting adapter's ancestry (none for a fresh adapter)."""
     if not cfg.federation.initial_adapter:
-        return None
-    name, _, version = cfg.federation.initial_adapter.rpartition(":")
+        return []
+    ref = cfg.federation.initial_adapter
+    name, _, version = ref.rpartition(":")
     record = registry.get(name, version)
+    uses = registry.read_optional(record, DATA_USES_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         own = PrivacyRecord.read(registry.download(name, version, Path(tmp)))
-    return cfg.federation.initial_adapter, record.lineage.data_privacy, own
+    return ancestor_uses(
+        ref, record.lineage, own, DataUses.model_validate_json(uses) if uses else None
+    )
 
 
 def run_federated(
@@ -111,7 +116,9 @@ def run_federated(
 ) -> FederatedOutcome:
     model_path = state.base_model(cfg.model.base)
     files = RunFiles(state, cfg.name)
-    check_or_record(cfg, files.root, RESUMABLE_KEYS, RESUMABLE_SECTIONS)
+    check_or_record(
+        cfg, files.root, RESUMABLE_KEYS, RESUMABLE_SECTIONS, data=dataset_sha256(cfg.data.path)
+    )
     cfg = _pin_initial_adapter(cfg, state, files)
     ledger = ServerLedger(files.root)
     # A missing dataset, an impossible split or DP target fails here; a resumed run is planned
@@ -135,9 +142,12 @@ def run_federated(
     history = [r for r in files.rounds() if r.round <= rounds]
     registry = Registry.from_settings(cfg.registry, state)
     privacy = privacy_record(cfg, plan, history, ledger)
-    spent, curves = compose(cfg, privacy, dataset_sha256(cfg.data.path), _ancestor(cfg, registry))
-    privacy = privacy.model_copy(update={"sources": curves})
     privacy.write(adapter_dir)  # the guarantee travels with the adapter
+    key = ExampleKey.of(state)
+    uses = [
+        run_use(privacy, own_source(cfg, key), key.key_id, example_ids(cfg, key)),
+        *_ancestry_uses(cfg, registry),
+    ]
     with tracked_run(registry, cfg) as run_id:
         for report in history:
             per_round = {
@@ -156,9 +166,12 @@ def run_federated(
             model_path,
             adapter_dir,
             kind="federated",
+            key=key,
             metrics={COMMUNICATION_METRIC: moved / 1e6},
             privacy=privacy.budget,
-            data_privacy=spent,
+            uses=uses,
+            data_privacy=compose(uses, key.key_id, cfg.privacy.delta),
+            privacy_budget=cfg.privacy.budget_epsilon,
         )
     return FederatedOutcome(published, privacy)
 

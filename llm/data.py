@@ -101,9 +101,13 @@ def dataset_sha256(path: str | Path) -> str:
     return tree_sha256(path)
 
 
+def example_content(example: Example) -> str:
+    """What identifies an example: its messages and answer (metadata such as `team` is not)."""
+    return json.dumps([example.prompt_messages, example.answer], sort_keys=True)
+
+
 def _example_key(example: Example, seed: int) -> str:
-    content = json.dumps([example.prompt_messages, example.answer], sort_keys=True)
-    return hashlib.sha256(f"{seed}:{content}".encode()).hexdigest()
+    return hashlib.sha256(f"{seed}:{example_content(example)}".encode()).hexdigest()
 
 
 def split_examples(examples: list[Example], validation_fraction: float, seed: int) -> Split:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from cluster.config import FinetuneConfig, load_config
 from cluster.entry import run_job
+from cluster.example_ids import ExampleKey
 from cluster.ray_cluster import connect
 from cluster.registry import Registry
 from cluster.state import StateDir
-from llm.data import load_examples
+from llm.data import dataset_sha256, load_examples
 from llm.publish import Published, publish_adapter, tracked_run
 from llm.run_identity import check_or_record
 from llm.train_loop import ADAPTER_SUBDIR, make_trainer
@@ -25,7 +26,7 @@ from llm.train_loop import ADAPTER_SUBDIR, make_trainer
 def run_finetune(cfg: FinetuneConfig, state: StateDir, address: str | None = None) -> Published:
     model_path = state.base_model(cfg.model.base)
     load_examples(cfg.data.path)  # fail on a bad dataset before any Ray work
-    check_or_record(cfg, state.ray_storage / cfg.name)
+    check_or_record(cfg, state.ray_storage / cfg.name, data=dataset_sha256(cfg.data.path))
     # Ray Train workers do not run in the job's working directory: hand them absolute paths.
     worker_cfg = cfg.model_copy(
         update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})}
@@ -48,6 +49,7 @@ def run_finetune(cfg: FinetuneConfig, state: StateDir, address: str | None = Non
                 model_path,
                 Path(ckpt_dir) / ADAPTER_SUBDIR,
                 kind="finetune",
+                key=ExampleKey.of(state),
                 metrics={"loss": final_loss},
             )
 

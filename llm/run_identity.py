@@ -29,6 +29,7 @@ MUTABLE = {
     "scaling.use_gpu",
 }
 MUTABLE_SECTIONS = ("eval.", "registry.", "card.")  # what is reported, not trained
+DATA_CONTENT = "data.content_sha256"  # beside the config's keys: the data itself
 
 
 class RunMismatchError(UserError):
@@ -60,19 +61,31 @@ def check_or_record(
     run_dir: Path,
     mutable: Collection[str] = MUTABLE,
     sections: tuple[str, ...] = MUTABLE_SECTIONS,
+    *,
+    data: str,
 ) -> None:
-    """Record the run's identity on first start; on a resume, refuse an incompatible config.
+    """Record the run's identity on first start; on a resume, refuse an incompatible config or
+    data whose content changed (`data`: its digest).
 
     `mutable` keys and keys under `sections` may change between submissions (the defaults are
-    the fine-tuning job's).
+    the fine-tuning job's). The data's content is part of the identity: the steps already taken
+    were planned, and their privacy accounted, for the examples as they were.
     """
     path = run_dir / IDENTITY_FILE
-    current = identity(cfg, mutable, sections)
+    current = {**identity(cfg, mutable, sections), DATA_CONTENT: data}
     if path.is_file():
         recorded = json.loads(path.read_text())
         changed = sorted(
             k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k)
         )
+        if DATA_CONTENT in changed:
+            was = recorded.get(DATA_CONTENT)
+            raise RunMismatchError(
+                f"run '{cfg.name}' already trained on the data at data.path, and that data has "
+                f"changed since (sha256 {f'{was[:16]}...' if was else 'not recorded'} then, "
+                f"{data[:16]}... now): the steps already taken were planned and accounted for "
+                "the examples as they were. Restore the data, or start a new run (a new `name`)."
+            )
         if changed:
             raise RunMismatchError(
                 f"run '{cfg.name}' already has checkpoints in {run_dir} made with a different "

@@ -31,9 +31,10 @@ UNKNOWN_BASE = Lineage.from_tags({}).base_model
 class AdapterRoute:
     name: str
     version: str
-    # What the version's ancestry spent of each data source: (source, epsilon, budget); epsilon
-    # None = used without DP. Shown in the model's metadata on /v1/models.
-    data_privacy: tuple[tuple[str, float | None, float | None], ...] = ()
+    # What the version's ancestry spent of each data source against its model's budget:
+    # (source, epsilon, private, budget); epsilon None = no guarantee (used without DP); budget
+    # None = none binds (no budget set, or data never claimed private). Shown on /v1/models.
+    data_privacy: tuple[tuple[str, float | None, bool, float | None], ...] = ()
     adapter_sha256: str = ""  # of the registered files; "" for versions registered without it
 
     @property
@@ -120,6 +121,7 @@ def read_table(registry: Registry, source: AdapterSource) -> AdapterTable:
             skipped[name] = reason
             continue
         servable: dict[str, AdapterRoute] = {}
+        budget = registry.privacy_budget(name)
         for version in registry.versions(name):
             if not _same_base(version, source):
                 continue  # made for another base model: not this endpoint's, nothing to say
@@ -127,7 +129,7 @@ def read_table(registry: Registry, source: AdapterSource) -> AdapterTable:
                 skipped[f"{name}:{version.version}"] = reason
             else:
                 spent = tuple(
-                    (data, p.epsilon, p.budget_epsilon)
+                    (data, p.epsilon, p.private, budget if p.private else None)
                     for data, p in sorted(version.lineage.data_privacy.items())
                 )
                 servable[version.version] = AdapterRoute(

@@ -96,8 +96,8 @@ class KeyCheckedIngress(OpenAiIngress):
             "version": route.version,
             "resolves_to": route.versioned_id,
             "data_privacy": {
-                data: {"epsilon": epsilon, "budget_epsilon": budget}
-                for data, epsilon, budget in route.data_privacy
+                data: {"dp": private, "epsilon": epsilon, "budget_epsilon": budget}
+                for data, epsilon, private, budget in route.data_privacy
             },
         }
         owner = self._model_cards[self._base_id].owned_by

@@ -34,7 +34,7 @@ def test_a_run_records_its_config_without_the_tracking_password(empty_state):
     assert params["config.registry.tracking_uri"] == redact(SECRET_URI)
     assert not any("s3cret" in value for value in params.values())
     lineage = Lineage.of_run(
-        kind="finetune", config=cfg, dataset_sha256="-", metrics={}, validation_examples=1
+        kind="finetune", config=cfg, dataset_digest="-", metrics={}, validation_examples=1
     )
     assert "s3cret" not in str(lineage.to_tags())
     assert lineage.config_sha256 == config_hash(recorded_config(cfg))

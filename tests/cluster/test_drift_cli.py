@@ -60,7 +60,7 @@ def served(empty_state, stub_adapter, tmp_path):
         lineage = Lineage(
             kind="finetune",
             base_model="tiny",
-            dataset_sha256="ab" * 32,
+            dataset_digest="ab" * 32,
             metrics={"eval_accuracy": 0.0},
         )
         files = {TRAINING_PROFILE_FILE: profile}

@@ -57,8 +57,8 @@ def test_run_gate_promotes_in_the_registry_it_is_given(migrated_mlflow_db, stub_
     assert not worse.promote and worse.current.version == "2"
 
 
-def budgeted(version: str, accuracy: float, epsilon: float | None, budget: float) -> VersionRecord:
-    spent = {"ab12/clients": DataPrivacy(epsilon=epsilon, delta=1e-5, budget_epsilon=budget)}
+def budgeted(version: str, accuracy: float, epsilon: float | None) -> VersionRecord:
+    spent = {"ab12/clients": DataPrivacy(epsilon=epsilon, delta=1e-5)}
     lineage = Lineage(
         kind="federated", base_model="tiny", metrics={"eval_accuracy": accuracy},
         data_privacy=spent,
@@ -66,15 +66,18 @@ def budgeted(version: str, accuracy: float, epsilon: float | None, budget: float
     return VersionRecord("m", version, "run", "src", "adapter-x", lineage)
 
 
-def test_a_version_past_its_privacy_budget_is_never_promoted_and_the_gate_says_by_how_much():
-    over, within = budgeted("2", 0.9, 6.6, 6.0), budgeted("3", 0.8, 5.5, 6.0)
-    decision = decide([over, within], current=None)
+def test_a_version_past_its_models_privacy_budget_is_never_promoted_and_the_gate_says_by_how_much():
+    over, within = budgeted("2", 0.9, 6.6), budgeted("3", 0.8, 5.5)
+    decision = decide([over, within], current=None, budget=6.0)
     assert decision.promote and decision.best.version == "3"  # the better one is refused
     assert "refused v2: its ancestry spent epsilon 6.600 of data ab12/clients, budget 6" in (
         decision.message
     )
     assert "(0.600 over)" in decision.message
-    none_left = decide([over, budgeted("4", 0.95, None, 6.0)], current=record("1", 0.5))
+    none_left = decide([over, budgeted("4", 0.95, None)], current=record("1", 0.5), budget=6.0)
     assert not none_left.promote and none_left.best is None
     assert none_left.message.startswith("kept v1 (50.0%); refused v2")
-    assert "v4: its ancestry spent it without DP" in none_left.message
+    assert "v4: its ancestry used data ab12/clients without differential privacy" in (
+        none_left.message
+    )
+    assert decide([over], current=None).promote  # no budget set: nothing binds

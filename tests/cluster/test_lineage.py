@@ -12,7 +12,7 @@ def test_lineage_of_a_run_records_config_rank_and_environment():
         {"name": "run-a", "data": {"path": "x.jsonl"}, "lora": {"r": 32}}
     )
     lineage = Lineage.of_run(
-        kind="finetune", config=cfg, dataset_sha256="ab", metrics={"eval_accuracy": 0.5},
+        kind="finetune", config=cfg, dataset_digest="ab", metrics={"eval_accuracy": 0.5},
         validation_examples=7,
     )  # fmt: skip
     assert lineage.lora_rank == 32 and lineage.run_name == "run-a"
@@ -35,7 +35,7 @@ def test_privacy_budget_round_trips_including_no_dp():
 
 def test_per_source_privacy_round_trips():
     spent = {
-        "ab/clients": DataPrivacy(epsilon=4.2, delta=1e-5, budget_epsilon=6, versions=["m:1"]),
+        "ab/clients": DataPrivacy(epsilon=4.2, delta=1e-5, versions=["m:1"]),
         "ab/central": DataPrivacy(epsilon=None),
     }
     lineage = Lineage(kind="federated", base_model="demo", data_privacy=spent)

@@ -38,8 +38,7 @@ LINEAGE = Lineage(
     base_model="demo",
     run_name="tickets-fed",
     lora_rank=8,
-    dataset_sha256="ab" * 32,
-    dataset_bytes=48_213,
+    dataset_digest="ab" * 32,
     config_sha256="cd" * 32,
     metrics={
         "eval_accuracy": 0.8, "base_accuracy": 0.35, "eval_loss": 0.61, "communication_mb": 44.6
@@ -51,9 +50,9 @@ LINEAGE = Lineage(
     ),
     data_privacy={
         "abababababababab/clients": DataPrivacy(
-            epsilon=4.2, delta=1e-5, budget_epsilon=6.0, versions=["m:1"]
+            epsilon=4.2, delta=1e-5, versions=["m:1"]
         ),
-        "abababababababab/central": DataPrivacy(epsilon=None),
+        "abababababababab/central": DataPrivacy(epsilon=None, private=False),
     },
     git_revision="0a75213",
     packages={"mlflow": "3.17.2"},
@@ -80,9 +79,8 @@ def test_the_card_of_a_registered_version_holds_its_lineage_facts(registry, stub
     assert "| base model | `demo` |" in card and "| adapter | LoRA, rank 8 |" in card
     assert "| kind | federated (run `tickets-fed`) |" in card
     assert f"| MLflow run | `{record.run_id}` |" in card
-    # Data: content hash, size, where, which share, and the description from the config.
-    assert f"| sha256 | {'ab' * 32} |" in card
-    assert "| size | 48,213 bytes (48.2 kB) |" in card
+    # Data: keyed digest, where, which share, and the description from the config.
+    assert f"| digest (keyed) | {'ab' * 32} |" in card
     assert "| path | `llm/demo_task/tickets.jsonl` |" in card
     assert "| share used | central (central share: 40% of the training split) |" in card
     assert "Synthetic support tickets written for the demo, CC0." in card
@@ -90,11 +88,11 @@ def test_the_card_of_a_registered_version_holds_its_lineage_facts(registry, stub
     assert "On 60 held-out examples" in card
     assert "| accuracy | 80.0% | 35.0% |" in card and "| loss | 0.61 | - |" in card
     assert "| communication_mb | 44.6 |" in card
-    # This run's DP, then epsilon composed across versions per data source, with its budget.
+    # This run's DP, then epsilon composed per example across versions, per data source.
     assert "| epsilon | 2.994 |" in card and "| delta | 1e-05 |" in card
     assert "| noise multiplier | 1.14 |" in card and "| accountant | rdp |" in card
-    assert "| abababababababab/clients | 4.2 | 1e-05 | 6 | m:1 |" in card
-    assert "| abababababababab/central | no DP: no guarantee | - | - | - |" in card
+    assert "| abababababababab/clients | 4.2 | 1e-05 | m:1 |" in card
+    assert "| abababababababab/central | no DP by design: no guarantee claimed | - | - |" in card
     # What it is for and not for, then the full config as registered.
     assert "Routing English support tickets to one of four queues." in card
     assert "Not for medical or legal questions" in card
@@ -169,11 +167,6 @@ def test_card_fields_are_optional_checked_and_recorded_with_the_data_size(tmp_pa
     bad.write_text("name: x\ndata: {path: d.jsonl}\ncard: {intended_uses: typo}\n")
     with pytest.raises(ConfigError, match="unknown key 'card.intended_uses'"):
         load_config(bad, FinetuneConfig)
-    lineage = Lineage.of_run(
-        kind="finetune", config=CONFIG, dataset_sha256="ab", metrics={}, validation_examples=1
-    )
-    assert lineage.dataset_bytes == (REPO / "llm/demo_task/tickets.jsonl").stat().st_size
-    assert Lineage.from_tags(lineage.to_tags()).dataset_bytes == lineage.dataset_bytes
 
 
 def test_the_demo_report_links_each_new_versions_card_and_the_alias_history(

@@ -2,6 +2,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.lineage import Lineage
+from cluster.privacy_record import DataPrivacy
 from cluster.registry import Registry
 
 runner = CliRunner()
@@ -64,3 +65,55 @@ def test_the_gate_never_brings_back_a_version_rolled_back_from(empty_state, stub
     refused = invoke(empty_state, "registry", "gate", "demo-model")
     assert refused.exit_code == 2 and "has not served before" in refused.output
     assert registry.aliases("demo-model")["production"] == "1"
+
+
+def test_a_budget_binds_every_path_that_moves_production(empty_state, stub_adapter):
+    """Set once by the first config that asks, raised only by the audited command; promote,
+    rollback and the gate refuse a version whose ancestry spent past it, naming the overrun."""
+    registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
+
+    def register(epsilon: float | None, asked: float | None) -> str:
+        spent = {
+            "ab12/clients": DataPrivacy(epsilon=epsilon, delta=1e-5),
+            "ab12/central": DataPrivacy(epsilon=None, private=False),
+        }
+        accuracy = {"eval_accuracy": 0.5 + (epsilon or 9) / 100}
+        lineage = Lineage(kind="federated", base_model="tiny", data_privacy=spent, metrics=accuracy)
+        with registry.run("cli", "budget", {}) as run_id:
+            version = registry.register_adapter(
+                "m", stub_adapter, run_id, lineage, privacy_budget=asked
+            )
+        return version.version
+
+    within = register(2.5, asked=3.0)  # v1: the model adopts budget 3
+    over = register(4.2, asked=10.0)  # v2: a later config cannot raise it
+    no_dp = register(None, asked=None)  # v3: clients' examples also used without DP
+    assert registry.privacy_budget("m") == 3.0
+    promoted = invoke(empty_state, "registry", "promote", "m", within)
+    assert promoted.exit_code == 0, promoted.output
+    refused = invoke(empty_state, "registry", "promote", "m", over)
+    assert refused.exit_code == 2
+    assert "v2: its ancestry spent epsilon 4.200 of data ab12/clients, budget 3 (1.200 over)" in (
+        refused.output
+    )
+    no_guarantee = invoke(empty_state, "registry", "promote", "m", no_dp)
+    assert "used data ab12/clients without differential privacy" in no_guarantee.output
+    gate = invoke(empty_state, "registry", "gate", "m")
+    assert "refused v2" in gate.output and "refused v3" in gate.output
+    assert registry.aliases("m")["production"] == within
+
+    raised = invoke(empty_state, "registry", "budget", "m", "5", "--reason", "board approved")
+    assert raised.exit_code == 0 and "epsilon 3.0 -> 5" in raised.output
+    assert invoke(empty_state, "registry", "promote", "m", over).exit_code == 0
+    lowered = invoke(empty_state, "registry", "budget", "m", "2")
+    assert lowered.exit_code == 0
+    rollback = invoke(empty_state, "registry", "rollback", "m")  # back to v1: spent 2.5 > 2
+    assert rollback.exit_code == 2 and "v1: its ancestry spent epsilon 2.500" in rollback.output
+    assert registry.aliases("m")["production"] == over
+    history = invoke(empty_state, "registry", "history", "m").output
+    assert "budget epsilon - -> 3  reason: the first budget a job config set" in history
+    assert "budget epsilon 3 -> 5  reason: board approved" in history
+    shown = invoke(empty_state, "registry", "show", "m", over).output
+    assert "privacy budget: epsilon 2 per data source" in shown
+    assert "spent of data ab12/clients: epsilon 4.2 at delta 1e-05  OVER BUDGET" in shown
+    assert "spent of data ab12/central: used without DP by design" in shown

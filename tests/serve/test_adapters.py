@@ -214,11 +214,15 @@ def test_base_model_id_may_not_contain_the_version_separator():
 
 def test_a_route_carries_what_its_version_spent_of_each_data_source(registry, stub_adapter):
     spent = {
-        "ab12/clients": DataPrivacy(epsilon=2.99, delta=1e-5, budget_epsilon=6.0),
-        "ab12/central": DataPrivacy(epsilon=None),
+        "ab12/clients": DataPrivacy(epsilon=2.99, delta=1e-5),
+        "ab12/central": DataPrivacy(epsilon=None, private=False),
     }
     lineage = Lineage(kind="federated", base_model="tiny", lora_rank=4, data_privacy=spent)
     with registry.run("serve-tests", "private", {}) as run_id:
-        registry.register_adapter("private", stub_adapter, run_id, lineage)
+        registry.register_adapter("private", stub_adapter, run_id, lineage, privacy_budget=6.0)
     route = read_table(registry, source(registry)).resolve("private:1")
-    assert route.data_privacy == (("ab12/central", None, None), ("ab12/clients", 2.99, 6.0))
+    # The model's budget binds the data claimed private, not the central share used without DP.
+    assert route.data_privacy == (
+        ("ab12/central", None, False, None),
+        ("ab12/clients", 2.99, True, 6.0),
+    )
