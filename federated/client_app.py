@@ -10,12 +10,20 @@ Flower starts a fresh process for every message. An in-cluster SuperNode's node 
 warm trainer (a Ray actor placed with the node): the ClientApp then only imports Flower and Ray
 and hands the round to that actor, which keeps torch and the base model loaded. Nothing this
 module imports may import torch; only an outside node's ClientApp trains in its own process.
+
+When training fails, the server is told only the class of the error: its message can quote this
+node's data (an example the tokenizer choked on), and the server is not trusted with that under
+local DP. The whole error goes to this node's own log.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from logging import ERROR
+
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common import log
+from flwr.common.constant import ErrorCode
 
 from federated.node_task import ClientState, NodeResult, NodeTask
 from federated.protocol import TrainTask
@@ -37,16 +45,27 @@ def _train(task: NodeTask) -> NodeResult:
     return ray.get(trainer.train.remote(task))
 
 
+def _class_of(exc: Exception) -> str:
+    """The error's class name (a warm trainer's error arrives wrapped by Ray: its cause's)."""
+    cause = getattr(exc, "cause", None)
+    return type(cause if isinstance(cause, Exception) else exc).__name__
+
+
 def build_client_app(run_config: dict[str, str] | None = None) -> ClientApp:
     """The ClientApp; `run_config` stands in for Flower's where none is passed (simulation)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        node = NodeConfig.from_flower(context.node_config)
-        run = RunSpec.from_flower({**(run_config or {}), **context.run_config}, node)
-        task = TrainTask.from_content(msg.content)
-        result = _train(NodeTask(run, node, task, ClientState.load(context.state)))
+        try:
+            node = NodeConfig.from_flower(context.node_config)
+            run = RunSpec.from_flower({**(run_config or {}), **context.run_config}, node)
+            task = TrainTask.from_content(msg.content)
+            result = _train(NodeTask(run, node, task, ClientState.load(context.state)))
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, by its class only
+            log(ERROR, "training failed", exc_info=exc)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=_class_of(exc))
+            return Message(error, reply_to=msg)
         result.client.save(context.state)
         return Message(content=result.reply.to_content(), reply_to=msg)
 

@@ -3,21 +3,32 @@ release written to the privacy ledger before it happens, every round reported.
 
 Flower's FedAvg only samples the nodes of a round (`configure_train`); aggregation is ours
 (federated.aggregation): FedAvg weighted by the partition sizes the server planned (outside
-clients: their own count, within flower.external_min/max_examples), or, under central DP, a
+clients: their own count, within flower.external_min/max_examples, and never above the largest
+in-cluster partition), or equal weights (flower.aggregation_weights), or, under central DP, a
 fixed-denominator average of clipped updates with Gaussian noise. A reply that is malformed or
 hostile in any way is rejected and logged, charged to its client's privacy budget (the server
 saw it), and the round goes on with the rest.
+
+Clients are bound to who they are: an in-cluster partition to the Flower node that first
+answered for it (a second node claiming it is rejected while that node is connected; a
+restarted SuperNode, with a new node id, takes it over once the old one left), and a node to
+the client it answered as. Bindings are read back from the ledger's kept replies on resume.
+What a client's error said is never kept, only its class: a ClientApp's message can quote its
+training data.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +48,7 @@ from federated.protocol import (
     ARRAYS,
     CONFIG,
     METRICS,
+    NUM_EXAMPLES,
     OUTSIDE_CLIENT,
     PARTITION_ID,
     MessageError,
@@ -51,6 +63,34 @@ class JoinTimeout(UserError):
     """Not enough SuperNodes joined before flower.join_timeout_s."""
 
 
+_ERROR_NAMES = {
+    code: name.lower().replace("_", " ") for name, code in vars(ErrorCode).items() if name.isupper()
+}
+_RAISED = re.compile(r"<class '([\w.]{1,100})'>")  # Flower's reason: "<class 'X'>:<'message'>"
+_CLASS_NAME = re.compile(r"[A-Za-z_][\w.]{0,99}")  # fedforge's ClientApp sends only this
+
+
+def failure_of(error: Error) -> str:
+    """Why a reply failed, without the client's own words: Flower's error code and its name,
+    and the class of the exception, if named."""
+    what = f"Flower error {error.code} ({_ERROR_NAMES.get(error.code, 'unknown code')})"
+    reason = str(error.reason)
+    raised = _RAISED.match(reason)
+    name = raised[1] if raised else reason if _CLASS_NAME.fullmatch(reason) else None
+    return f"{what}: {name}" if name else what
+
+
+def _claimed_number(reply: Message, key: str) -> float | None:
+    """A finite number a rejected reply's metrics give for `key`, if they can be read."""
+    try:
+        value = reply.content.metric_records[METRICS][key]
+    except Exception:  # noqa: BLE001 - a hostile reply's structure is not worth a crash
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value
+
+
 class RoundReport(BaseModel):
     """One round as the server saw it: a line of the run's rounds.jsonl."""
 
@@ -59,8 +99,8 @@ class RoundReport(BaseModel):
     round: int
     attempt: int = 0  # the ledger's attempt that produced this round
     clients: int
-    failed: dict[int, str]  # node id -> why its reply failed (e.g. the SuperNode died)
-    rejected: dict[int, str]  # node id -> why its update was refused
+    failed: dict[int, str]  # node id -> Flower's error code and class (never the client's text)
+    rejected: dict[int, str]  # node id -> why its update was refused (the server's words)
     train_loss: float | None  # without DP only: DP does not cover the clients' losses
     epsilon: float | None  # the worst client's after this round (the server's ledger)
     epsilons: dict[str, float] = {}  # client (partition id, or outside-<node>) -> its epsilon
@@ -106,7 +146,9 @@ class GuardedStrategy(Strategy):
             configrecord_key=CONFIG,
         )
         self.rng = rng or np.random.default_rng()  # OS entropy: DP noise must not be predictable
-        self.known: dict[int, str] = {}  # node id -> client, from accepted replies
+        self.bound = ledger.bindings()  # client -> node id, from kept replies (resumes keep them)
+        self.known = {node: client for client, node in self.bound.items()}  # node id -> client
+        self._grid: Grid | None = None
         self._global = ArrayRecord()
         self._attempt = Attempt(0, 0, None)
         self._sampled: list[int] = []
@@ -140,6 +182,7 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._wait_for_nodes(grid)
+        self._grid = grid  # who is still connected, when a node claims a bound partition
         absolute = server_round + self.round_offset
         noise = self.plan.noise.noise_multiplier if self.plan.noise else None
         # Sample first with a placeholder config, then log the attempt, then ask: no client
@@ -157,8 +200,25 @@ class GuardedStrategy(Strategy):
 
     # -- answers -------------------------------------------------------------------------------
 
+    def _check_identity(self, node: int, name: str, connected: set[int]) -> None:
+        """A node answers as one client, and a client from its bound node while that node is
+        connected (a SuperNode restarted by Ray has a new node id; its old one left)."""
+        if self.known.get(node, name) != name:
+            raise MessageError(f"node {node} answered as client {self.known[node]}, not {name}")
+        holder = self.bound.get(name, node)
+        if holder != node and holder in connected:
+            raise MessageError(
+                f"client {name} is bound to node {holder}, which is still connected; node "
+                f"{node} cannot answer for it"
+            )
+
+    def _bind(self, node: int, name: str) -> None:
+        if (holder := self.bound.get(name, node)) != node:
+            log(INFO, "client %s moved from node %d (gone) to node %d", name, holder, node)
+        self.bound[name], self.known[node] = node, name
+
     def _client_of(
-        self, node: int, metrics: TrainMetrics, seen: set[str]
+        self, node: int, metrics: TrainMetrics, seen: set[str], connected: set[int]
     ) -> tuple[str, float, float | None]:
         """(ledger name, aggregation weight, sampling rate) the server assigns, or MessageError."""
         flower, fed = self.cfg.flower, self.cfg.federation
@@ -172,7 +232,9 @@ class GuardedStrategy(Strategy):
                     f"..external_max_examples ({flower.external_min_examples}.."
                     f"{flower.external_max_examples})"
                 )
-            name, weight = outside_client(node), float(n)
+            # What the server knows caps what it is told: no more than any in-cluster client.
+            largest = max(len(p) for p in self.plan.partitions)
+            name, weight = outside_client(node), float(min(n, largest))
         else:
             partitions = self.plan.partitions
             if not 0 <= metrics.partition < len(partitions):
@@ -186,20 +248,23 @@ class GuardedStrategy(Strategy):
                     f"partition {metrics.partition} has {len(partitions[metrics.partition])} "
                     f"examples, the reply claims {n}"
                 )
+        self._check_identity(node, name, connected)
         if name in seen:
             raise MessageError(f"a second reply for client {name} in this round")
         rate = None
         if self.plan.noise:
             rate = 1.0 if self.central else sample_rate(n, fed.batch_size)
-        return name, (1.0 if self.central else weight), rate
+        equal = self.central or flower.aggregation_weights == "equal"
+        return name, (1.0 if equal else weight), rate
 
     def _check(
-        self, reply: Message, seen: set[str]
+        self, reply: Message, seen: set[str], connected: set[int]
     ) -> tuple[str, float, float | None, TrainMetrics, Update]:
         parsed, update = accepted_reply(
             self._global, reply.content, self.cfg.federation.max_update_norm, self.private
         )
-        name, weight, rate = self._client_of(reply.metadata.src_node_id, parsed.metrics, seen)
+        node = reply.metadata.src_node_id
+        name, weight, rate = self._client_of(node, parsed.metrics, seen, connected)
         return name, weight, rate, parsed.metrics, update
 
     def _aggregate(self, updates: list[tuple[Update, float]]) -> ArrayRecord:
@@ -220,29 +285,30 @@ class GuardedStrategy(Strategy):
         server_round += self.round_offset
         updates, rejected, failed, per_client, seen = [], {}, {}, {}, set()
         received: dict[int, int] = {}
+        connected = set(self._grid.get_node_ids()) if self._grid else set()
         for reply in replies:
             node = reply.metadata.src_node_id
             if not reply.has_error():
                 received[node] = payload_bytes(reply.content)
             if reply.has_error():
-                failed[node] = str(reply.error.reason)[:500]
+                failed[node] = failure_of(reply.error)
                 log(WARNING, "round %d: node %d dropped out: %s", server_round, node, failed[node])
                 self.ledger.reply(self._attempt, node, self.known.get(node), None, "failed")
                 continue
             try:  # any exception is the reply's fault: it must never end the round
-                name, weight, rate, metrics, update = self._check(reply, seen)
+                name, weight, rate, metrics, update = self._check(reply, seen, connected)
             except Exception as exc:  # noqa: BLE001
-                why = str(exc) if isinstance(exc, MessageError) else f"malformed reply ({exc!r})"
+                # The server's own reasons; an exception's text could quote the client's data.
+                why = str(exc) if isinstance(exc, MessageError) else type(exc).__name__
                 rejected[node] = why[:500]
                 log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, why)
                 claimed = self.known.get(node) or self._claimed(reply, node)
-                rate = None  # an outside client's: the largest the plan allows (worst case)
-                if claimed and not claimed.isdigit() and self.plan.noise:
-                    rate = 1.0 if self.central else self.plan.noise.outside_rate
+                rate = self._rejected_rate(reply, claimed)
                 self.ledger.reply(self._attempt, node, claimed, rate, "rejected")
                 continue
             self.ledger.reply(self._attempt, node, name, rate, "kept")
-            self.known[node], per_client[node] = name, metrics
+            self._bind(node, name)
+            per_client[node] = metrics
             seen.add(name)
             updates.append((update, weight))
         arrays = self._aggregate(updates)
@@ -286,13 +352,25 @@ class GuardedStrategy(Strategy):
 
     def _claimed(self, reply: Message, node: int) -> str | None:
         """Who a rejected reply said it was, if that much can be read (to charge its budget)."""
-        try:
-            partition = int(reply.content.metric_records[METRICS][PARTITION_ID])
-        except Exception:  # noqa: BLE001
+        partition = _claimed_number(reply, PARTITION_ID)
+        if partition is None:
             return None
         if partition == OUTSIDE_CLIENT:
             return outside_client(node)
-        return in_cluster_client(partition) if 0 <= partition < len(self.plan.partitions) else None
+        planned = 0 <= partition < len(self.plan.partitions)
+        return in_cluster_client(int(partition)) if planned else None
+
+    def _rejected_rate(self, reply: Message, claimed: str | None) -> float | None:
+        """An outside client's rate for its rejected reply: its own, from the examples it
+        claims, never below the plan's outside rate (all there is when it claims nothing)."""
+        noise = self.plan.noise
+        if noise is None or claimed is None or claimed.isdigit():
+            return None  # in-cluster clients are charged every attempt at their planned rate
+        if self.central:
+            return 1.0
+        n = _claimed_number(reply, NUM_EXAMPLES)
+        own = sample_rate(math.ceil(n), self.cfg.federation.batch_size) if n and n > 0 else None
+        return max((r for r in (own, noise.outside_rate) if r is not None), default=None)
 
     # -- no federated evaluation: held-out evaluation runs on the server after the rounds ------
 

@@ -2,7 +2,9 @@
 
 A reply that fails is dropped by the server with the reason logged, and the round goes on: one
 broken or malicious client must not poison the average or crash the server. Arrays are checked
-by their declared type, dtype, shape and byte size before they are deserialised.
+by their declared type, dtype, shape and byte size before they are deserialised. Reasons name
+what the server checked, never text the client chose (its keys, its dtype strings, the words
+of an exception its payload raised).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def _declared_problem(key: str, new: Array, old: Array) -> str | None:
     if not isinstance(new, Array) or new.stype != old.stype:
         return f"{key} is not a numpy array"
     if new.dtype != old.dtype:
-        return f"wrong dtype for {key}: {new.dtype}, expected {old.dtype}"
+        return f"wrong dtype for {key}: expected {old.dtype}"
     if tuple(new.shape) != tuple(old.shape):
         return f"wrong shape for {key}: {tuple(new.shape)}, expected {tuple(old.shape)}"
     payload = math.prod(old.shape) * np.dtype(old.dtype).itemsize
@@ -37,7 +39,7 @@ def update_of(
     missing = sorted(set(global_arrays) - set(update))
     unexpected = sorted(set(update) - set(global_arrays))
     if missing or unexpected:
-        raise MessageError(f"wrong keys: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise MessageError(f"wrong keys: missing {missing[:3]}, {len(unexpected)} unexpected")
     for key, reference in global_arrays.items():
         if problem := _declared_problem(key, update[key], reference):
             raise MessageError(problem)
@@ -46,7 +48,7 @@ def update_of(
         try:
             new = update[key].numpy()
         except Exception as exc:  # noqa: BLE001 - any undecodable payload is the client's fault
-            raise MessageError(f"{key} cannot be read as an array: {exc}") from None
+            raise MessageError(f"{key} cannot be read as an array ({type(exc).__name__})") from None
         if new.shape != tuple(reference.shape) or new.dtype != np.dtype(reference.dtype):
             raise MessageError(f"{key}'s payload does not match its declared dtype and shape")
         if not np.issubdtype(new.dtype, np.floating) or not np.isfinite(new).all():

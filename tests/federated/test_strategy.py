@@ -1,8 +1,9 @@
 """The server's strategy against real Flower Messages: hostile replies, weights, central DP.
 
 Each hostile reply is rejected with its reason logged while the round completes on the others;
-weights come from the server, so a client cannot steer the average; central DP's effective
-noise multiplier is exactly the one its accountant charges.
+weights come from the server, so a client cannot steer the average; a partition answers from
+the node bound to it; a client's error text is never kept; central DP's effective noise
+multiplier is exactly the one its accountant charges.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Context,
     Error,
     Message,
     MessageType,
@@ -22,7 +24,9 @@ from flwr.app import (
     RecordDict,
 )
 
-from federated.ledger import ServerLedger
+from cluster.config import ConfigError
+from federated.client_app import build_client_app
+from federated.ledger import ServerLedger, outside_client
 from federated.planning import make_plan
 from federated.privacy import ledger_epsilons
 from federated.protocol import METRICS, OUTSIDE_CLIENT, TrainMetrics, TrainReply, payload_bytes
@@ -127,7 +131,7 @@ def test_every_hostile_reply_is_rejected_logged_and_charged_and_the_round_comple
     [(report, kept)] = saved
     assert report.clients == 2 and sorted(report.per_client) == [1, 2]
     assert sorted(report.rejected) == sorted(m.metadata.src_node_id for m in hostile.values())
-    assert report.failed == {30: "SuperNode lost"}
+    assert report.failed == {30: "Flower error 0 (unknown)"}  # never the client's own words
     assert len(hostile) >= 8
     for node, why in report.rejected.items():
         assert why and f"rejected reply from node {node}" in caplog.text
@@ -234,3 +238,173 @@ def test_a_round_waits_for_its_nodes_only_until_the_join_deadline(tmp_path):
     assert "2 of the 3 SuperNodes" in message and "flower.join_timeout_s (0.3 s)" in message
     assert "in-cluster partitions [0, 1] of 2" in message and "1 expected" in message
     assert guard.ledger.attempts() == []  # nobody was asked, nothing charged
+
+
+def _claim(node: int, partition: int, examples: int, value: float, private: bool = True):
+    """A reply claiming `partition` and `examples`, whoever sends it."""
+    clear = {} if private else {"train_loss": 1.0, "train_seconds": 0.1}
+    metrics = TrainMetrics(examples, 2, partition, epsilon=0.5 if private else None, **clear)
+    return answer(node, TrainReply(arrays(value), metrics).to_content())
+
+
+def _round(guard: GuardedStrategy, connected: list[int], replies: list[Message]):
+    """One round through the strategy's public path: sampled and logged, then aggregated."""
+    grid = LoopbackGrid(dict.fromkeys(connected))
+    guard.configure_train(1, GLOBAL, ConfigRecord(), grid)
+    return guard.aggregate_train(1, replies)
+
+
+def test_a_partition_answers_only_from_the_node_bound_to_it_while_that_node_is_connected(
+    tmp_path, caplog
+):
+    cfg = tiny(tmp_path)
+    plan = make_plan(cfg)
+    saved: list = []
+    guard = strategy(tmp_path, cfg, plan, saved)
+    n0, n1 = (len(p) for p in plan.partitions)
+    honest_average = (0.01 * n0 + 0.03 * n1) / (n0 + n1)
+    _round(guard, [1, 2], [honest(1, plan, 0, 0.01), honest(2, plan, 1, 0.03)])
+
+    # Node 3 claims partition 0 (bound to node 1, still connected), and answers first.
+    impostor = _claim(3, 0, n0, 0.5)
+    out, _ = _round(
+        guard, [1, 2, 3], [impostor, honest(1, plan, 0, 0.01), honest(2, plan, 1, 0.03)]
+    )
+
+    report = saved[-1][0]
+    assert sorted(report.per_client) == [1, 2] and list(report.rejected) == [3]
+    assert report.rejected[3] == (
+        "client 0 is bound to node 1, which is still connected; node 3 cannot answer for it"
+    )
+    assert "rejected reply from node 3" in caplog.text
+    assert np.allclose(out[KEYS[0]].numpy(), honest_average, atol=1e-7)
+    replies = [e for e in guard.ledger.events() if e.event == "reply" and e.attempt == 2]
+    assert [(e.node, e.client, e.status) for e in replies] == [
+        (3, "0", "rejected"),  # charged to the partition it claimed
+        (1, "0", "kept"),
+        (2, "1", "kept"),
+    ]
+    # A node answers as one client: node 2 cannot switch to partition 0 either.
+    _round(guard, [1, 2], [honest(1, plan, 0, 0.01), _claim(2, 0, n0, 0.03)])
+    assert "node 2 answered as client 1, not 0" in saved[-1][0].rejected[2]
+
+    # Node 1 left (its SuperNode was restarted by Ray): the new node 4 takes partition 0 over.
+    _round(guard, [2, 4], [honest(4, plan, 0, 0.01), honest(2, plan, 1, 0.03)])
+    assert sorted(saved[-1][0].per_client) == [2, 4] and not saved[-1][0].rejected
+    assert "client 0 moved from node 1 (gone) to node 4" in caplog.text
+
+    # A resumed server reads the bindings back from the ledger.
+    resumed = strategy(tmp_path, cfg, plan, saved)
+    _round(resumed, [2, 4, 5], [_claim(5, 0, n0, 0.5), honest(4, plan, 0, 0.01)])
+    assert list(saved[-1][0].rejected) == [5] and sorted(saved[-1][0].per_client) == [4]
+
+
+@pytest.mark.parametrize("weights", ["examples", "equal"])
+def test_an_outside_client_claiming_the_most_examples_weighs_no_more_than_the_largest_partition(
+    tmp_path, weights
+):
+    most = 10_000
+    cfg = tiny(
+        tmp_path,
+        flower={
+            **SECURE,
+            "external_clients": 1,
+            "external_max_examples": most,
+            "aggregation_weights": weights,
+        },
+        federation={"min_available_nodes": 3},
+        privacy={"mode": "none", "noise_multiplier": None},
+    )
+    plan = make_plan(cfg)
+    saved: list = []
+    guard = strategy(tmp_path, cfg, plan, saved)
+    replies = [
+        honest(1, plan, 0, 0.01, private=False),
+        honest(2, plan, 1, 0.03, private=False),
+        _claim(3, OUTSIDE_CLIENT, most, 0.5, private=False),  # accepted: within the bounds
+    ]
+
+    out, _ = _round(guard, [1, 2, 3], replies)
+
+    assert sorted(saved[-1][0].per_client) == [1, 2, 3]
+    n0, n1 = (len(p) for p in plan.partitions)
+    if weights == "examples":
+        cap = max(n0, n1)
+        expected = (0.01 * n0 + 0.03 * n1 + 0.5 * cap) / (n0 + n1 + cap)
+    else:
+        expected = (0.01 + 0.03 + 0.5) / 3
+    assert np.allclose(out[KEYS[0]].numpy(), expected, atol=1e-7)
+    claimed = (0.01 * n0 + 0.03 * n1 + 0.5 * most) / (n0 + n1 + most)  # what it asked for
+    assert out[KEYS[0]].numpy()[0, 0] < claimed - 0.1
+
+
+def test_aggregation_weights_other_than_examples_or_equal_are_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="flower.aggregation_weights.*'examples' or 'equal'"):
+        tiny(tmp_path, flower={"aggregation_weights": "claimed"})
+
+
+def test_a_rejected_outside_client_is_charged_at_its_own_rate_never_below_the_planned_one(
+    tmp_path,
+):
+    cfg = tiny(
+        tmp_path,
+        flower={**SECURE, "external_clients": 2, "external_min_examples": 40},
+        federation={"min_available_nodes": 4},
+    )
+    plan = make_plan(cfg)
+    guard = strategy(tmp_path, cfg, plan, [])
+    steps, sigma = plan.noise.steps_per_round, plan.noise.noise_multiplier
+    assert plan.noise.outside_rate == 1 / 10  # 40 examples in batches of 4
+    replies = [
+        honest(1, plan, 0),
+        honest(2, plan, 1),
+        _claim(8, OUTSIDE_CLIENT, 20, 0.01),  # fewer than 40: rejected, but it may have trained
+        _claim(9, OUTSIDE_CLIENT, 400, 1e3),  # norm too large: rejected
+    ]
+
+    _round(guard, [1, 2, 8, 9], replies)
+
+    epsilons = ledger_epsilons(cfg, plan, guard.ledger)
+    own = opacus_epsilon([(sigma, 1 / 5, steps)])  # 20 examples in batches of 4
+    assert epsilons[outside_client(8)] == pytest.approx(own, rel=1e-9)
+    assert own > opacus_epsilon([(sigma, 1 / 10, steps)])  # what it used to be charged
+    # 400 examples would be rate 1/100: charged at the plan's 1/10, never below.
+    assert epsilons[outside_client(9)] == pytest.approx(
+        opacus_epsilon([(sigma, 1 / 10, steps)]), rel=1e-9
+    )
+
+
+def test_only_the_class_of_a_clients_error_reaches_the_server_and_its_reports(tmp_path, caplog):
+    cfg = tiny(tmp_path)
+    plan = make_plan(cfg)
+    saved: list = []
+    guard = strategy(tmp_path, cfg, plan, saved)
+    secret = "patient-7 diagnosis"
+    # fedforge's ClientApp, with a node config whose error message would quote a data path.
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "data-path": f"/data/{secret}.jsonl"},
+        state=RecordDict(),
+        run_config={},
+    )
+    from_app = build_client_app()(request(5), context)
+    assert from_app.has_error() and from_app.error.reason == "ValueError"
+    # Any other client (Flower's own format quotes the message), and a payload numpy cannot
+    # read whose error would echo the client's bytes.
+    raw = Message(Error(code=2, reason=f"<class 'KeyError'>:<'{secret}'>"), reply_to=request(6))
+    unreadable = arrays()
+    unreadable[KEYS[0]].data = secret.encode().ljust(len(unreadable[KEYS[0]].data), b"x")
+    metrics = TrainMetrics(len(plan.partitions[1]), 2, 1, epsilon=0.5)
+    garbled = answer(7, TrainReply(unreadable, metrics).to_content())
+
+    _round(guard, [5, 6, 7], [from_app, raw, garbled])
+
+    report = saved[-1][0]
+    assert report.failed == {
+        5: "Flower error 2 (client app raised exception): ValueError",
+        6: "Flower error 2 (client app raised exception): KeyError",
+    }
+    assert report.rejected[7].endswith("cannot be read as an array (ValueError)")
+    server_log = "\n".join(r.getMessage() for r in caplog.records if r.name == "flwr")
+    assert secret not in report.model_dump_json() and secret not in server_log

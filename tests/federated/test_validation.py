@@ -73,3 +73,30 @@ def test_an_array_whose_bytes_do_not_match_its_declared_shape_is_refused_unread(
     array.data = b"x" * len(array.data)  # the right size, but not an .npy payload
     with pytest.raises(MessageError, match="cannot be read as an array"):
         accepted_reply(GLOBAL, garbage, max_norm=1.0)
+
+
+SECRET = "patient 7 diagnosis"  # what a client's own text could quote
+
+
+def _npy_quoting(text: str) -> bytes:
+    """A (4, 8) float32 payload whose .npy header numpy quotes back in its error."""
+    header = f"{{'descr': '{text}', 'fortran_order': False, 'shape': (4, 8), }}".encode()
+    header = header.ljust(118) + b"\n"
+    payload = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+    return payload.ljust(4 * 8 * 4 + 128, b"\0")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda a: setattr(a["a.lora_A.weight"], "dtype", SECRET),  # a dtype string of its own
+        lambda a: a.__setitem__(SECRET, a["a.lora_A.weight"]),  # a key of its own
+        lambda a: setattr(a["a.lora_B.weight"], "data", _npy_quoting(SECRET)),
+    ],
+)
+def test_a_rejection_reason_never_quotes_text_the_client_chose(change):
+    content = reply(fine()).to_content()
+    change(content.array_records["arrays"])
+    with pytest.raises(MessageError) as refused:
+        accepted_reply(GLOBAL, content, max_norm=1.0)
+    assert SECRET not in str(refused.value)
