@@ -80,6 +80,12 @@ def failure_of(error: Error) -> str:
     return f"{what}: {name}" if name else what
 
 
+def _rejection(exc: Exception) -> str:
+    """Why a reply was rejected: the server's own words (MessageError), else only the class of
+    what went wrong (an exception's text could quote the client's data)."""
+    return str(exc) if isinstance(exc, MessageError) else f"malformed reply ({type(exc).__name__})"
+
+
 def _claimed_number(reply: Message, key: str) -> float | None:
     """A finite number a rejected reply's metrics give for `key`, if they can be read."""
     try:
@@ -298,8 +304,7 @@ class GuardedStrategy(Strategy):
             try:  # any exception is the reply's fault: it must never end the round
                 name, weight, rate, metrics, update = self._check(reply, seen, connected)
             except Exception as exc:  # noqa: BLE001
-                # The server's own reasons; an exception's text could quote the client's data.
-                why = str(exc) if isinstance(exc, MessageError) else type(exc).__name__
+                why = _rejection(exc)
                 rejected[node] = why[:500]
                 log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, why)
                 claimed = self.known.get(node) or self._claimed(reply, node)
