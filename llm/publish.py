@@ -19,6 +19,7 @@ from cluster.example_ids import ExampleKey
 from cluster.lineage import (
     CONFIG_FILE,
     DATA_USES_FILE,
+    MODEL_CARD_FILE,
     TRAINING_PROFILE_FILE,
     Lineage,
     recorded_config,
@@ -26,6 +27,7 @@ from cluster.lineage import (
 from cluster.privacy_record import DataPrivacy, DataUse, DataUses, PrivacyBudget, data_source
 from cluster.prompt_features import prompt_text, training_profile
 from cluster.registry import Registry, VersionRecord
+from cluster.release_manifest import check_registration
 from llm.data import DatasetError, Example, example_content, load_split
 from llm.evaluate import EvalResult, evaluate_heldout
 from llm.run_identity import flatten
@@ -74,6 +76,20 @@ def profile_examples(cfg: TrainingJobConfig, uses: list[DataUse], key: ExampleKe
     return [e for e in train if key.example_id(example_content(e)) not in protected]
 
 
+def registry_files(cfg: TrainingJobConfig, uses: list[DataUse], key: ExampleKey) -> dict[str, str]:
+    """The files registered beside the adapter (name -> text), all but its model card: the
+    config, the ancestry's data uses and, when any example may be described, the profile."""
+    files = {
+        CONFIG_FILE: dump_config(recorded_config(cfg)),
+        DATA_USES_FILE: DataUses(uses=uses).model_dump_json(),
+    }
+    if profiled := profile_examples(cfg, uses, key):
+        files[TRAINING_PROFILE_FILE] = training_profile(
+            [prompt_text(e.prompt_messages) for e in profiled]
+        )
+    return files
+
+
 def publish_adapter(
     registry: Registry,
     run_id: str,
@@ -113,14 +129,12 @@ def publish_adapter(
         privacy=privacy,
         data_privacy=data_privacy,
     )
-    files = {
-        CONFIG_FILE: dump_config(recorded_config(cfg)),
-        DATA_USES_FILE: DataUses(uses=uses).model_dump_json(),
-    }
-    if profiled := profile_examples(cfg, uses, key):
-        files[TRAINING_PROFILE_FILE] = training_profile(
-            [prompt_text(e.prompt_messages) for e in profiled]
-        )
+    files = registry_files(cfg, uses, key)
+    private = privacy is not None and privacy.mode != "none"
+    adapter_files = [
+        f.relative_to(adapter_dir).as_posix() for f in adapter_dir.rglob("*") if f.is_file()
+    ]
+    check_registration([*adapter_files, *files, MODEL_CARD_FILE], lineage.to_tags(), private)
     version = registry.register_adapter(
         cfg.registry.model_name, adapter_dir, run_id, lineage, files=files,
         privacy_budget=privacy_budget,

@@ -54,6 +54,14 @@ def state(empty_state: StateDir, provisioned: StateDir) -> StateDir:
 
 
 @pytest.fixture
+def registry(empty_state: StateDir):
+    """The empty state dir's registry (SQLite store, local artifacts)."""
+    from cluster.registry import Registry
+
+    return Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
+
+
+@pytest.fixture
 def stub_adapter(tmp_path: Path) -> Path:
     """A stub adapter directory (files named like an adapter's, not loadable): for tests of the
     registry and routing, which store and move adapters but never load them."""

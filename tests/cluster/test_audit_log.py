@@ -24,11 +24,6 @@ LINEAGE = Lineage(kind="test", base_model="tiny", metrics={"eval_accuracy": 0.5}
 runner = CliRunner()
 
 
-@pytest.fixture
-def registry(empty_state) -> Registry:
-    return Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
-
-
 def register(registry: Registry, adapter: Path, n: int = 1, name: str = "m") -> list[str]:
     with registry.run("audit", "audit", {}) as run_id:
         return [registry.register_adapter(name, adapter, run_id, LINEAGE).version for _ in range(n)]

@@ -60,11 +60,6 @@ LINEAGE = Lineage(
 )  # fmt: skip
 
 
-@pytest.fixture
-def registry(empty_state) -> Registry:
-    return Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
-
-
 def register(registry: Registry, adapter: Path, lineage: Lineage = LINEAGE, files=None):
     with registry.run("cards", "cards", {}) as run_id:
         return registry.register_adapter("m", adapter, run_id, lineage, files=files)

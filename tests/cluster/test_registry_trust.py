@@ -30,11 +30,6 @@ def adapter(stub_adapter) -> Path:
     return stub_adapter
 
 
-@pytest.fixture
-def registry(empty_state) -> Registry:
-    return Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
-
-
 def register(registry: Registry, adapter: Path, name: str = "m", **kwargs):
     with registry.run("trust", name, {}) as run_id:
         return registry.register_adapter(name, adapter, run_id, LINEAGE, **kwargs)

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import pytest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.config import RegistrySettings
 from cluster.lineage import Lineage
 from cluster.privacy_record import DataPrivacy
 from cluster.registry import Registry
@@ -34,11 +33,6 @@ from serve.relabel import MODEL_HEADER, relabel
 from tests.serve.conftest import register
 
 BASE = "fedforge-tiny"
-
-
-@pytest.fixture
-def registry(empty_state) -> Registry:
-    return Registry.from_settings(RegistrySettings(), empty_state)
 
 
 def source(registry: Registry, **kw) -> AdapterSource:
