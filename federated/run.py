@@ -73,7 +73,8 @@ def _round_line(report: RoundReport) -> str:
     slowest = report.slowest_client_seconds
     line = (
         f"[fedforge] round {report.round}: {report.clients} clients, loss {loss}, "
-        f"epsilon {eps}, {report.bytes_moved / 1e6:.2f} MB moved, {report.seconds:.1f} s"
+        f"epsilon {eps}, {report.bytes_moved / 1e6:.2f} MB moved"
+        + (f", {report.seconds:.1f} s" if report.seconds is not None else "")
         + (f" (slowest client {slowest:.1f} s)" if slowest else "")
     )
     for node, why in {**report.failed, **report.rejected}.items():

@@ -110,8 +110,10 @@ class RoundReport(BaseModel):
     train_loss: float | None  # without DP only: DP does not cover the clients' losses
     epsilon: float | None  # the worst client's after this round (the server's ledger)
     epsilons: dict[str, float] = {}  # client (partition id, or outside-<node>) -> its epsilon
-    seconds: float
-    slowest_client_seconds: float | None  # without DP only
+    # Without DP only: a round's time follows the examples its clients sampled (DP does not
+    # cover it), so under DP it is not written down or printed.
+    seconds: float | None
+    slowest_client_seconds: float | None
     per_client: dict[int, TrainMetrics]  # node id -> what it reported, for kept replies
     bytes_sent: int = 0  # tensor bytes sent to each sampled client (the global adapter)
     bytes_received: dict[int, int] = {}  # node id -> tensor bytes of its reply (also rejected)
@@ -335,7 +337,7 @@ class GuardedStrategy(Strategy):
             ),
             epsilon=max(epsilons.values(), default=None),
             epsilons=epsilons,
-            seconds=time.monotonic() - self._started,
+            seconds=None if self.private else time.monotonic() - self._started,
             slowest_client_seconds=max(times, default=None) if not self.private else None,
             per_client=per_client,
             bytes_sent=self._sent,
@@ -343,13 +345,13 @@ class GuardedStrategy(Strategy):
         )
         log(
             INFO,
-            "round %d: %d clients kept (%d failed, %d rejected), epsilon %s, %.1f s",
+            "round %d: %d clients kept (%d failed, %d rejected), epsilon %s%s",
             report.round,
             report.clients,
             len(failed),
             len(rejected),
             f"{report.epsilon:.3f}" if report.epsilon is not None else "-",
-            report.seconds,
+            f", {report.seconds:.1f} s" if report.seconds is not None else "",
         )
         self.on_round(report, arrays)
         self.ledger.done(self._attempt)  # only once the round and its line are saved

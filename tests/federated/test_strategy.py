@@ -143,6 +143,7 @@ def test_every_hostile_reply_is_rejected_logged_and_charged_and_the_round_comple
     statuses = [e.status for e in guard.ledger.events() if e.event == "reply"]
     assert statuses.count("rejected") == len(hostile) and statuses.count("kept") == 2
     assert report.train_loss is None and report.slowest_client_seconds is None  # under DP
+    assert report.seconds is None  # a round's time follows what its clients sampled
     # Communication: every reply read off the wire is counted, the failed one sent nothing.
     honest_bytes = payload_bytes(replies[0].content)
     assert honest_bytes > 0 and report.bytes_received[1] == report.bytes_received[2] == honest_bytes
