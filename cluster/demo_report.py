@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cluster import privacy_certificate  # noqa: E402
 from cluster.answer_audit import describe, find_answers  # noqa: E402
 from cluster.gate import GateDecision  # noqa: E402
 from cluster.lineage import COMMUNICATION_METRIC  # noqa: E402
@@ -135,14 +136,22 @@ def _plot_latency(result: DemoResult, path: Path) -> None:
     plt.close(fig)
 
 
-def _governance(registry: Registry, result: DemoResult, out: Path, model_name: str) -> str:
-    """Write each new version's model card and the model's alias history (with the log's
-    verification) next to the report; return the report's section linking them."""
+def _governance(
+    registry: Registry, state: StateDir, result: DemoResult, out: Path, model_name: str
+) -> str:
+    """Write each new version's model card, the federated version's privacy certificate and the
+    model's alias history (with the log's verification) next to the report; return the report's
+    section linking them."""
     cards = []
     for stage, record in result.versions.items():
         path = out / f"model-card-{model_name}-v{record.version}.md"
         path.write_text(registry.card(record))
         cards.append(f"- {stage}: [{model_name} v{record.version}]({path.name})")
+    federated = result.versions["federated"]
+    cert = privacy_certificate.issue(registry, state, model_name, federated.version)
+    _, cert_path = privacy_certificate.write(cert, out)
+    sampling = "confirmed" if cert.sampler.ok else "not confirmed"
+    manifest = "nothing unlisted" if not cert.release_problems else "UNLISTED RELEASES"
     check = registry.verify(model_name)
     verdict = (
         f"intact: {check.entries} entries, head sha256 `{check.head_sha256}`"
@@ -164,6 +173,10 @@ def _governance(registry: Registry, result: DemoResult, out: Path, model_name: s
             "Model cards (`fedforge registry show NAME VERSION --card`):",
             "",
             *cards,
+            "",
+            f"Privacy certificate of the federated version (`fedforge privacy certificate "
+            f"{model_name} {federated.version}`): [{cert_path.name}]({cert_path.name}); "
+            f"sampling {sampling}, release manifest: {manifest}.",
             "",
             f"Alias history and audit log (`fedforge registry history {model_name}`): "
             f"[{history.name}]({history.name}), log {verdict.split(':')[0]}.",
@@ -197,7 +210,7 @@ def write_report(
     _plot_latency(result, out / "latency.png")
     table = "\n".join(f"| {k} | {v} |" for k, v in summary_rows(result, model_name))
     answers = "\n".join(f"| {q} | `{a}` |" for q, a in result.answers)
-    governance = _governance(registry, result, out, model_name)
+    governance = _governance(registry, state, result, out, model_name)
     report = out / "report.md"
     report.write_text(
         f"""# fedforge demo report

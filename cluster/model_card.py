@@ -82,8 +82,12 @@ def _evaluation(lineage: Lineage) -> str:
     return text
 
 
-def _privacy(lineage: Lineage) -> str:
-    parts = []
+def _privacy(lineage: Lineage, name: str, version: str) -> str:
+    parts = [
+        "The guarantee in exact words, the sampling check, the release manifest and the newest "
+        f"audit: `fedforge privacy certificate {name} {version}` (privacy-certificate-{name}-"
+        f"v{version}.md)."
+    ]
     p = lineage.privacy
     if p is None:
         parts.append("This run trained without differential privacy (no privacy record).")
@@ -200,7 +204,7 @@ config at registration; `fedforge registry show {name} {version} --card` adds wh
 
 ## Privacy
 
-{_privacy(lineage)}
+{_privacy(lineage, name, version)}
 
 ## Environment
 

@@ -1,6 +1,8 @@
-"""`fedforge privacy report NAME:VERSION`: the privacy budget a registered adapter spent.
+"""`fedforge privacy report NAME:VERSION`: the privacy budget a registered adapter spent;
+`fedforge privacy certificate NAME VERSION`: its guarantee and the evidence
+(cluster/privacy_certificate.py); `fedforge privacy audit`: the canary audit of a config.
 
-Reads the privacy record a federated run writes into the adapter it registers, so the report
+The report reads the privacy record a federated run writes into the adapter it registers, so it
 shows exactly what was registered: epsilon per client after every round, and the settings.
 """
 
@@ -12,9 +14,10 @@ from typing import Annotated
 
 import typer
 
+from cluster import privacy_certificate
 from cluster.errors import UserError
 from cluster.jobs import run_local
-from cluster.options import ConfigOpt, StateOpt, TrackingOpt
+from cluster.options import ConfigOpt, ModelNameArg, StateOpt, TrackingOpt, VersionRefArg
 from cluster.privacy_record import PrivacyRecord
 from cluster.registry_cli import open_registry
 from cluster.state import StateDir
@@ -72,6 +75,29 @@ def report(
     if record is None:
         raise UserError(f"{version} has no privacy record (it was not trained federated)")
     typer.echo(render_report(version, record))
+
+
+@privacy_app.command()
+def certificate(
+    name: ModelNameArg,
+    ref: VersionRefArg,
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the JSON and Markdown (default: <state>/reports)."),
+    ] = None,
+) -> None:
+    """A version's privacy certificate: the guarantee in exact words, epsilon per data source
+    over its ancestry against the model's budget, the sampling check, the release manifest
+    checked against what the registry holds, the newest audit, and what is not covered."""
+    state = StateDir.resolve(state_dir)
+    cert = privacy_certificate.issue(open_registry(tracking_uri, state_dir), state, name, ref)
+    json_path, md_path = privacy_certificate.write(cert, out or state.reports)
+    typer.echo(privacy_certificate.render_markdown(cert))
+    typer.echo(f"written: {md_path} and {json_path}")
+    if cert.release_problems or cert.sampler.ok is False:
+        raise typer.Exit(1)
 
 
 @privacy_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

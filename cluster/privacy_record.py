@@ -6,12 +6,18 @@ with the adapter), read back by `fedforge privacy report` and the demo. One sche
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 PRIVACY_FILE = "privacy.json"
+
+
+def sample_rate(n_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate Opacus' DPDataLoader derives from a DataLoader (1 / len(loader))."""
+    return 1 / math.ceil(n_examples / batch_size)
 
 
 class PrivacyBudget(BaseModel):

@@ -20,7 +20,6 @@ Light imports only (no torch, no Opacus): ClientApps import this module.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,15 +29,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from cluster.errors import UserError
+from cluster.privacy_record import sample_rate  # noqa: F401 - where the clients' code finds it
 
 History = list[tuple[float, float, int]]  # Opacus' accountant: (noise_multiplier, rate, steps)
 
 OUTSIDE_PREFIX = "outside-"  # an outside client's ledger name: outside-<Flower node id>
-
-
-def sample_rate(n_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate Opacus' DPDataLoader derives from a DataLoader (1 / len(loader))."""
-    return 1 / math.ceil(n_examples / batch_size)
 
 
 def in_cluster_client(partition: int) -> str:

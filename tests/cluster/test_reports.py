@@ -10,27 +10,24 @@ from cluster.privacy_record import PrivacyBudget, PrivacyRecord, RoundPrivacy
 from cluster.registry import Registry, VersionRecord
 
 
-def _version(registry, version: str, accuracy: float, kind: str, extra=None, **lineage):
+def _version(
+    registry, adapter, accuracy: float, kind: str, extra=None, **lineage
+) -> VersionRecord:
     with registry.run("report", kind, {}) as run_id:
         steps = range(1, 4)
         key = "loss" if kind == "finetune" else "train_loss"
         for step in steps:
             registry.log_metrics(run_id, {key: 3.0 / step, "epsilon": 0.5 * step}, step)
-    metrics = {"eval_accuracy": accuracy, "base_accuracy": 0.1, **(extra or {})}
-    return VersionRecord(
-        "m",
-        version,
-        run_id,
-        "src",
-        "a",
-        Lineage(kind=kind, base_model="tiny", metrics=metrics, **lineage),
-    )
+        metrics = {"eval_accuracy": accuracy, "base_accuracy": 0.1, **(extra or {})}
+        lineage = Lineage(kind=kind, base_model="tiny", metrics=metrics, **lineage)
+        return registry.register_adapter("m", adapter, run_id, lineage)
 
 
-def _result(registry: Registry) -> DemoResult:
-    fine = _version(registry, "1", 0.8, "finetune")
+def _result(registry: Registry, adapter) -> DemoResult:
+    fine = _version(registry, adapter, 0.8, "finetune")
     privacy = PrivacyBudget(mode="local_dp", epsilon=2.994, delta=1e-5)
-    fed = _version(registry, "2", 0.9, "federated", {COMMUNICATION_METRIC: 12.34}, privacy=privacy)
+    extra = {COMMUNICATION_METRIC: 12.34}
+    fed = _version(registry, adapter, 0.9, "federated", extra, privacy=privacy)
     return DemoResult(
         versions={"fine-tuned": fine, "federated": fed},
         gate=decide([fine, fed], None),
@@ -43,8 +40,8 @@ def _result(registry: Registry) -> DemoResult:
     )
 
 
-def test_summary_table_shows_accuracy_privacy_gate_and_latency(empty_state):
-    result = _result(Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts))
+def test_summary_table_shows_accuracy_privacy_gate_and_latency(registry, stub_adapter):
+    result = _result(registry, stub_adapter)
     table = summary_table(result, "m")
     rows = {line.split("   ")[0].strip(): line for line in table.splitlines()}
     assert "10.0%" in rows["held-out accuracy: base model"]
@@ -56,13 +53,19 @@ def test_summary_table_shows_accuracy_privacy_gate_and_latency(empty_state):
     assert "34 s" in table and "8.1 min" in table
 
 
-def test_report_has_the_table_answers_and_three_plots(empty_state, tmp_path):
-    registry = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
-    report = write_report(_result(registry), registry, empty_state, tmp_path, "m")
+def test_report_has_the_table_answers_three_plots_and_the_certificate(
+    registry, empty_state, stub_adapter, tmp_path
+):
+    report = write_report(_result(registry, stub_adapter), registry, empty_state, tmp_path, "m")
     text = report.read_text()
     assert "| gate | promoted v2" in text and "| Route this | `billing` |" in text
     for png in ("training_loss.png", "federated.png", "latency.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # A version trained under DP that logged a training loss: the certificate names the leak.
+    assert "[privacy-certificate-m-v2.md](privacy-certificate-m-v2.md)" in text
+    assert "release manifest: UNLISTED RELEASES" in text
+    certificate = (tmp_path / "privacy-certificate-m-v2.md").read_text()
+    assert "run_metric 'train_loss' is released by a run under DP" in certificate
 
 
 def test_privacy_report_lists_every_round_and_client():
