@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -14,6 +15,7 @@ import pytest
 from cluster.lineage import COMMUNICATION_METRIC
 from cluster.privacy_record import PrivacyRecord
 from cluster.registry import PRODUCTION, Registry
+from cluster.release_manifest import check_registered, job_log_lines, round_fields, unlisted
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     fine, fed = registry.versions("fedforge-tiny")
     assert (fine.lineage.kind, fed.lineage.kind) == ("finetune", "federated")
     for version in (fine, fed):
-        assert version.lineage.dataset_sha256 and version.lineage.config_sha256
+        assert version.lineage.dataset_digest and version.lineage.config_sha256
         assert version.lineage.lora_rank == 8
     assert fed.lineage.privacy.epsilon > 0 and fed.lineage.privacy.delta == 1e-5
     assert fed.lineage.metrics[COMMUNICATION_METRIC] > 0  # adapter MB moved by the rounds
@@ -59,8 +61,23 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     adapter = registry.download("fedforge-tiny", fed.version, tmp_path / "download")
     privacy = PrivacyRecord.read(adapter)
     assert privacy.by_round and privacy.epsilon == fed.lineage.privacy.epsilon
+    # Privacy across features: the clients' examples keep their epsilon within the model's
+    # budget (the central fine-tune's share is disjoint by content), and nothing the registry,
+    # the round log or the federated job's log holds escapes the release manifest.
+    assert registry.privacy_budget("fedforge-tiny") == 4.0
+    [clients] = [p for p in fed.lineage.data_privacy.values() if p.private]
+    assert clients.epsilon == pytest.approx(fed.lineage.privacy.epsilon)
+    assert clients.versions == []  # no ancestor trained on any of these examples
+    [central] = [p for p in fed.lineage.data_privacy.values() if not p.private]
+    assert central.versions == [f"fedforge-tiny:{fine.version}"]
+    assert check_registered(registry, fed) == []
+    rounds = (state.root / "federated" / fed.lineage.run_name / "rounds.jsonl").read_text()
+    fields = {f for line in rounds.splitlines() for f in round_fields(json.loads(line))}
+    assert unlisted("round_field", fields, private=True) == []
 
     [report_dir] = (state.reports).glob("demo-*")
+    job_log = (report_dir / "2-federate.log").read_text()
+    assert unlisted("log_line", job_log_lines(job_log), private=True) == []
     for name in ("report.md", "training_loss.png", "federated.png", "latency.png"):
         assert (report_dir / name).stat().st_size > 0, name
     report_text = (report_dir / "report.md").read_text()
@@ -71,11 +88,15 @@ def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
         assert f"]({card_file})" in report_text, card_file
         card = (report_dir / card_file).read_text()
         assert card.startswith(f"# Model card: `fedforge-tiny` v{version.version}")
-        assert version.lineage.dataset_sha256 in card and "| base model |" in card
+        assert version.lineage.dataset_digest in card and "| base model |" in card
         assert "matches the logged sha256" in card and "- promotion gate: " in card
         assert "not judged by the gate" not in card
     fed_card = (report_dir / f"model-card-fedforge-tiny-v{fed.version}.md").read_text()
     assert f"| epsilon | {fed.lineage.privacy.epsilon:.4g} |" in fed_card
+    certificate = f"privacy-certificate-fedforge-tiny-v{fed.version}.md"
+    assert f"]({certificate})" in report_text
+    assert "sampling confirmed, release manifest: nothing unlisted" in report_text
+    assert "add/remove-one-example adjacency" in (report_dir / certificate).read_text()
     assert "](alias-history.md)" in report_text
     history = (report_dir / "alias-history.md").read_text()
     assert "`fedforge registry verify fedforge-tiny`: intact" in history
