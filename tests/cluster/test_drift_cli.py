@@ -203,7 +203,7 @@ def test_audit_request_names_the_version_its_digest_data_and_who_promoted_it(emp
     assert result.exit_code == 0, result.output
     out = result.output
     assert f"answered by {MODEL}:1" in out and "adapter digest matches the registered files" in out
-    assert "sha256 " + "ab" * 32 in out and "promote v1 production: - -> v1" in out
+    assert "digest (keyed) " + "ab" * 32 in out and "promote v1 production: - -> v1" in out
     assert "reason: first" in out
 
     (forged,) = log_answers(empty_state, held_out[:1], version="1", digest="0" * 64)
