@@ -20,8 +20,14 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from cluster.lineage import Lineage
-from cluster.privacy_record import ClientCharge, DataPrivacy, DataUse, DataUses, PrivacyRecord
+from cluster.records.lineage import Lineage
+from cluster.records.privacy_record import (
+    ClientCharge,
+    DataPrivacy,
+    DataUse,
+    DataUses,
+    PrivacyRecord,
+)
 from federated.ledger import OUTSIDE_PREFIX
 
 RDP_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)

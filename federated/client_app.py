@@ -38,7 +38,7 @@ def _train(task: NodeTask) -> NodeResult:
         return train_for_node(task)
     import ray
 
-    from cluster.ray_cluster import connect
+    from cluster.core.ray_cluster import connect
 
     connect(task.node.ray_address, namespace=RAY_NAMESPACE, quiet=True)
     trainer = ray.get_actor(task.node.warm_trainer, namespace=RAY_NAMESPACE)

@@ -24,8 +24,8 @@ import ray
 import tomli_w
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.errors import UserError
-from cluster.federated_config import FlowerSettings
+from cluster.core.errors import UserError
+from cluster.core.federated_config import FlowerSettings
 from federated.certs import make_node_key, make_tls, server_names
 from federated.flower_processes import FlowerHost, WarmTrainer
 from federated.run_config import RAY_NAMESPACE, NodeConfig, RunSpec

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.processes import exit_with_parent
+from cluster.core.processes import exit_with_parent
 from federated.node_task import NodeResult, NodeTask
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `federated` is importable from

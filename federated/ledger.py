@@ -28,8 +28,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from cluster.errors import UserError
-from cluster.privacy_record import sample_rate  # noqa: F401 - where the clients' code finds it
+from cluster.core.errors import UserError
+from cluster.records.privacy_record import sample_rate  # noqa: F401 - where the clients' code finds it
 
 History = list[tuple[float, float, int]]  # Opacus' accountant: (noise_multiplier, rate, steps)
 

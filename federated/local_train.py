@@ -18,8 +18,8 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from cluster.errors import UserError
-from cluster.federated_config import FederatedConfig
+from cluster.core.errors import UserError
+from cluster.core.federated_config import FederatedConfig
 from federated.adapter_state import adapter_to_arrays, arrays_to_adapter
 from federated.ledger import Attempt, Charge, History, client_charges, history_of, sample_rate
 from federated.node_task import ClientState, NodeResult, NodeTask

@@ -12,9 +12,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from cluster.config import DataSettings
-from cluster.errors import UserError
-from cluster.federated_config import PartitionSettings
+from cluster.core.config import DataSettings
+from cluster.core.errors import UserError
+from cluster.core.federated_config import PartitionSettings
 from federated.plan import FederatedPlan
 from llm.data import Example, load_split
 

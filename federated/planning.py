@@ -9,7 +9,7 @@ is refused with what was spent. A ledger that lost an event refuses to plan (Led
 
 from __future__ import annotations
 
-from cluster.federated_config import FederatedConfig
+from cluster.core.federated_config import FederatedConfig
 from federated.ledger import History, ServerLedger, history_of, in_cluster_client, sample_rate
 from federated.partition import partition_indices
 from federated.plan import FederatedPlan, NoisePlan

@@ -18,9 +18,9 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
-from cluster.errors import UserError
-from cluster.federated_config import FederatedConfig
-from cluster.privacy_record import ClientCharge, PrivacyRecord, RoundPrivacy
+from cluster.core.errors import UserError
+from cluster.core.federated_config import FederatedConfig
+from cluster.records.privacy_record import ClientCharge, PrivacyRecord, RoundPrivacy
 from federated.ledger import (  # noqa: F401 - sample_rate re-exported
     Charge,
     History,

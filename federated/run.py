@@ -18,15 +18,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cluster.config import load_config
-from cluster.entry import run_job
-from cluster.example_ids import ExampleKey
-from cluster.federated_config import FederatedConfig
-from cluster.lineage import COMMUNICATION_METRIC, DATA_USES_FILE
-from cluster.privacy_record import DataUse, DataUses, PrivacyRecord
-from cluster.ray_cluster import connect
-from cluster.registry import Registry
-from cluster.state import StateDir
+from cluster.core.config import load_config
+from cluster.core.entry import run_job
+from cluster.core.example_ids import ExampleKey
+from cluster.core.federated_config import FederatedConfig
+from cluster.core.ray_cluster import connect
+from cluster.core.state import StateDir
+from cluster.records.lineage import COMMUNICATION_METRIC, DATA_USES_FILE
+from cluster.records.privacy_record import DataUse, DataUses, PrivacyRecord
+from cluster.records.registry import Registry
 from federated.ancestry import ancestor_uses, compose, run_use
 from federated.federation import Federation
 from federated.ledger import ServerLedger

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from cluster.config import dump_config
-from cluster.federated_config import FederatedConfig
-from cluster.state import StateDir
+from cluster.core.config import dump_config
+from cluster.core.federated_config import FederatedConfig
+from cluster.core.state import StateDir
 from federated.plan import FederatedPlan
 from federated.protocol import PARTITION_ID
 

@@ -22,8 +22,8 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 from pydantic import ValidationError
 
-from cluster.errors import UserError
-from cluster.state import StateDir
+from cluster.core.errors import UserError
+from cluster.core.state import StateDir
 from federated.adapter_state import arrays_to_adapter
 from federated.ledger import ServerLedger
 from federated.strategy import RoundReport

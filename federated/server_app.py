@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from cluster.federated_config import FederatedConfig
-from cluster.registry import Registry
-from cluster.state import StateDir
+from cluster.core.federated_config import FederatedConfig
+from cluster.core.state import StateDir
+from cluster.records.registry import Registry
 from federated.adapter_state import adapter_to_arrays, load_adapter_dir
 from federated.ledger import ServerLedger
 from federated.local_train import lora_model

@@ -33,8 +33,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from pydantic import BaseModel, ConfigDict
 
-from cluster.errors import UserError
-from cluster.federated_config import FederatedConfig
+from cluster.core.errors import UserError
+from cluster.core.federated_config import FederatedConfig
 from federated.aggregation import Update, central_dp_average, weighted_average
 from federated.ledger import (
     Attempt,

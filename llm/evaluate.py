@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import TrainingJobConfig
+from cluster.core.config import TrainingJobConfig
 from llm.data import Example, collate, encode_example, load_split, render_prompt
 from llm.lora import load_adapter
 from llm.losses import answer_token_losses

@@ -13,10 +13,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from cluster.config import FinetuneConfig, load_config
-from cluster.entry import run_job
-from cluster.registry import Registry
-from cluster.state import StateDir
+from cluster.core.config import FinetuneConfig, load_config
+from cluster.core.entry import run_job
+from cluster.core.state import StateDir
+from cluster.records.registry import Registry
 from llm.evaluate import evaluate_heldout
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cluster.config import FinetuneConfig, load_config
-from cluster.entry import run_job
-from cluster.example_ids import ExampleKey
-from cluster.ray_cluster import connect
-from cluster.registry import Registry
-from cluster.state import StateDir
+from cluster.core.config import FinetuneConfig, load_config
+from cluster.core.entry import run_job
+from cluster.core.example_ids import ExampleKey
+from cluster.core.ray_cluster import connect
+from cluster.core.state import StateDir
+from cluster.records.registry import Registry
 from llm.data import dataset_sha256, load_examples
 from llm.publish import Published, publish_adapter, tracked_run
 from llm.run_identity import check_or_record

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from cluster.config import LoraSettings
+from cluster.core.config import LoraSettings
 
 
 def apply_lora(

@@ -2,9 +2,10 @@
 job that produces an adapter (fine-tuning, federated rounds), so each version carries the same
 record whichever job made it.
 
-Everything registered is listed in the release manifest (cluster.release_manifest). What depends
-on training data is either inside the run's DP release, keyed (cluster.example_ids), or made
-only from examples that no DP release in the version's ancestry protects (the training profile).
+Everything registered is listed in the release manifest (cluster.records.release_manifest).
+What depends on training data is either inside the run's DP release, keyed
+(cluster.core.example_ids), or made only from examples that no DP release in the version's
+ancestry protects (the training profile).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import TrainingJobConfig, dump_config
-from cluster.example_ids import ExampleKey
-from cluster.lineage import (
+from cluster.core.config import TrainingJobConfig, dump_config
+from cluster.core.example_ids import ExampleKey
+from cluster.records.lineage import (
     CONFIG_FILE,
     DATA_USES_FILE,
     MODEL_CARD_FILE,
@@ -24,10 +25,16 @@ from cluster.lineage import (
     Lineage,
     recorded_config,
 )
-from cluster.privacy_record import DataPrivacy, DataUse, DataUses, PrivacyBudget, data_source
-from cluster.prompt_features import prompt_text, training_profile
-from cluster.registry import Registry, VersionRecord
-from cluster.release_manifest import check_registration
+from cluster.records.privacy_record import (
+    DataPrivacy,
+    DataUse,
+    DataUses,
+    PrivacyBudget,
+    data_source,
+)
+from cluster.records.prompt_features import prompt_text, training_profile
+from cluster.records.registry import Registry, VersionRecord
+from cluster.records.release_manifest import check_registration
 from llm.data import DatasetError, Example, example_content, load_split
 from llm.evaluate import EvalResult, evaluate_heldout
 from llm.run_identity import flatten

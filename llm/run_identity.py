@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cluster.errors import UserError
+from cluster.core.errors import UserError
 
 IDENTITY_FILE = "fedforge_run_identity.json"
 # Keys that may change between submissions of one run: how long, how often, how it is judged.

@@ -24,7 +24,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
-from cluster.config import FinetuneConfig
+from cluster.core.config import FinetuneConfig
 from llm.lora import save_adapter
 from llm.model import load_tokenizer
 from llm.training import (

@@ -11,7 +11,7 @@ import random
 import torch
 from peft import PeftModel
 
-from cluster.config import FinetuneConfig
+from cluster.core.config import FinetuneConfig
 from llm.data import collate, encode_example, load_split
 from llm.lora import apply_lora
 from llm.model import load_model

@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.config import dump_config  # noqa: E402
-from cluster.federated_config import FederatedConfig  # noqa: E402
-from cluster.state import StateDir  # noqa: E402
+from cluster.core.config import dump_config  # noqa: E402
+from cluster.core.federated_config import FederatedConfig  # noqa: E402
+from cluster.core.jobs import FEDERATE  # noqa: E402
+from cluster.core.state import StateDir  # noqa: E402
 from federated.local_train import lora_model  # noqa: E402
 from federated.partition import client_examples  # noqa: E402
 from federated.planning import make_plan  # noqa: E402
@@ -143,7 +144,7 @@ def round_times(cfg: FederatedConfig, state: StateDir) -> list[RoundReport]:
         [
             sys.executable,
             "-m",
-            "federated.run",
+            FEDERATE.module,
             "--config",
             str(config_path),
             "--state-dir",

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.credentials import hash_api_key  # noqa: E402
+from cluster.core.credentials import hash_api_key  # noqa: E402
 from serve.answer_log import AnswerLogSettings  # noqa: E402
 from serve.app import ENDPOINTS, ingress_app  # noqa: E402
 from serve.ingress import KeyCheckedIngress  # noqa: E402

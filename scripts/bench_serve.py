@@ -32,9 +32,10 @@ from serve_harness import end_token_bias
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.config import load_config  # noqa: E402
-from cluster.serve_config import ServeConfig  # noqa: E402
-from cluster.state import StateDir  # noqa: E402
+from cluster.core.config import load_config  # noqa: E402
+from cluster.core.jobs import SERVE  # noqa: E402
+from cluster.core.serve_config import ServeConfig  # noqa: E402
+from cluster.core.state import StateDir  # noqa: E402
 
 KEY = "sk-bench"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -79,9 +80,9 @@ def make_adapter(state: StateDir, finetune_config: str, base: str) -> tuple[Path
     answer must stay non-empty for a fixed 32-token stream (end tokens biased away)."""
     import torch
 
-    from cluster.config import FinetuneConfig
-    from cluster.lineage import Lineage
-    from cluster.registry import Registry
+    from cluster.core.config import FinetuneConfig
+    from cluster.records.lineage import Lineage
+    from cluster.records.registry import Registry
     from llm.lora import apply_lora, save_adapter
     from llm.model import load_model
 
@@ -292,7 +293,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "serve.deploy",
+            SERVE.module,
             "--config",
             str(config_path),
             "--state-dir",

@@ -25,9 +25,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.config import FinetuneConfig  # noqa: E402
-from cluster.registry import Registry  # noqa: E402
-from cluster.state import StateDir  # noqa: E402
+from cluster.core.config import FinetuneConfig  # noqa: E402
+from cluster.core.state import StateDir  # noqa: E402
+from cluster.records.registry import Registry  # noqa: E402
 from llm.model import load_tokenizer  # noqa: E402
 from llm.train_loop import make_trainer  # noqa: E402
 from llm.training import (  # noqa: E402

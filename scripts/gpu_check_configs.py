@@ -19,9 +19,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.config import FinetuneConfig, load_config  # noqa: E402
-from cluster.federated_config import FederatedConfig  # noqa: E402
-from cluster.serve_config import ServeConfig  # noqa: E402
+from cluster.core.config import FinetuneConfig, load_config  # noqa: E402
+from cluster.core.federated_config import FederatedConfig  # noqa: E402
+from cluster.core.serve_config import ServeConfig  # noqa: E402
 
 MODEL = "demo"  # SmolLM2-135M-Instruct, provisioned from PyPI by `python -m llm.demo_model`
 CUTS = {

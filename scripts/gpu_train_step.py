@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.config import FinetuneConfig, load_config  # noqa: E402
+from cluster.core.config import FinetuneConfig, load_config  # noqa: E402
 from llm.model import load_tokenizer  # noqa: E402
 from llm.training import (  # noqa: E402
     encoded_train_set,

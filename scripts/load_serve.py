@@ -212,7 +212,7 @@ def main() -> int:
     overrides = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "http_port": args.port}
     logging.getLogger("httpx").setLevel(logging.WARNING)
     url, cfg, stop = start_endpoint(str(REPO / args.config), KEY, overrides=overrides, quiet=True)
-    from cluster.state import StateDir
+    from cluster.core.state import StateDir
 
     body = {
         "model": cfg.model_id,

@@ -80,9 +80,9 @@ def start_endpoint(
     import ray
     from ray import serve
 
-    from cluster.config import load_config
-    from cluster.serve_config import ServeConfig
-    from cluster.state import StateDir
+    from cluster.core.config import load_config
+    from cluster.core.serve_config import ServeConfig
+    from cluster.core.state import StateDir
     from serve.deploy import deploy
 
     os.environ["FEDFORGE_API_KEYS"] = key

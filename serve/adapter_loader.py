@@ -21,8 +21,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from ray.serve.llm import LLMConfig
 
-from cluster.credentials import redact
-from cluster.registry import Registry
+from cluster.core.credentials import redact
+from cluster.records.registry import Registry
 from serve.adapters import parse_engine_id
 from serve.ray_internal import DiskMultiplexConfig, global_id_manager
 

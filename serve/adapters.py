@@ -18,9 +18,9 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from cluster.credentials import redact
-from cluster.lineage import Lineage
-from cluster.registry import PRODUCTION, Registry, VersionRecord
+from cluster.core.credentials import redact
+from cluster.records.lineage import Lineage
+from cluster.records.registry import PRODUCTION, Registry, VersionRecord
 
 log = logging.getLogger(__name__)
 # What Lineage reads for a version registered without a base model: it may be any base.

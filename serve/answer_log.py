@@ -1,4 +1,4 @@
-"""The ingress side of the request log (cluster.request_log): one entry per answer.
+"""The ingress side of the request log (cluster.records.request_log): one entry per answer.
 
 The ingress knows which version and adapter digest answered (it resolved the model id) and whose
 key asked; the token counts are in the answer's `usage`. A stream carries `usage` only when the
@@ -18,8 +18,14 @@ from dataclasses import dataclass
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.prompt_features import prompt_features, prompt_text
-from cluster.request_log import AnsweredRequest, RequestLogWriter, key_id, utc_iso, writer_name
+from cluster.records.prompt_features import prompt_features, prompt_text
+from cluster.records.request_log import (
+    AnsweredRequest,
+    RequestLogWriter,
+    key_id,
+    utc_iso,
+    writer_name,
+)
 from serve.adapters import AdapterRoute
 from serve.api_keys import bearer_hash
 
@@ -30,7 +36,7 @@ LOG_FAILURES_EVERY = 1000  # after the first failed write, say so once per this 
 
 @dataclass(frozen=True)
 class AnswerLogSettings:
-    """Plain values (they pickle to the ingress replica): cluster.serve_config's section."""
+    """Plain values (they pickle to the ingress replica): cluster.core.serve_config's section."""
 
     directory: str
     retention_days: int

@@ -7,9 +7,9 @@ import hmac
 import os
 from pathlib import Path
 
-from cluster.credentials import HASH_PREFIX, hash_api_key
-from cluster.errors import UserError
-from cluster.serve_config import AuthSettings
+from cluster.core.credentials import HASH_PREFIX, hash_api_key
+from cluster.core.errors import UserError
+from cluster.core.serve_config import AuthSettings
 
 
 class ApiKeyError(UserError):

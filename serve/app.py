@@ -13,10 +13,10 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import make_fastapi_ingress
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.config import load_config
-from cluster.registry import Registry, tracking_uri
-from cluster.serve_config import ServeConfig
-from cluster.state import StateDir
+from cluster.core.config import load_config
+from cluster.core.serve_config import ServeConfig
+from cluster.core.state import StateDir
+from cluster.records.registry import Registry, tracking_uri
 from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
 from serve.answer_log import AnswerLogSettings

@@ -16,12 +16,12 @@ from pathlib import Path
 import yaml
 from ray import serve
 
-from cluster.config import load_config
-from cluster.entry import run_job
-from cluster.errors import UserError
-from cluster.ray_cluster import connect
-from cluster.serve_config import ServeConfig
-from cluster.state import StateDir
+from cluster.core.config import load_config
+from cluster.core.entry import run_job
+from cluster.core.errors import UserError
+from cluster.core.ray_cluster import connect
+from cluster.core.serve_config import ServeConfig
+from cluster.core.state import StateDir
 from serve.app import build_app
 
 

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from cluster.serve_config import LimitSettings
+from cluster.core.serve_config import LimitSettings
 from serve.adapters import AdapterRoute, AdapterSource, AdapterTable, AdapterWatcher
 from serve.answer_log import AnswerLog, AnswerLogSettings, with_usage
 from serve.api_keys import bearer_hash, is_authorized

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cluster.serve_config import LimitSettings
+from cluster.core.serve_config import LimitSettings
 
 
 class BadRequest(Exception):

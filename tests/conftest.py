@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.state import StateDir
+from cluster.core.state import StateDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def state(empty_state: StateDir, provisioned: StateDir) -> StateDir:
 @pytest.fixture
 def registry(empty_state: StateDir):
     """The empty state dir's registry (SQLite store, local artifacts)."""
-    from cluster.registry import Registry
+    from cluster.records.registry import Registry
 
     return Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
 

@@ -1,9 +1,12 @@
 """The design's import rules, checked on the source (docs/ARCHITECTURE.md).
 
-cluster/ is the control plane and imports none of the workers; llm/ imports cluster/; federated/
-imports llm/ and cluster/; serve/ imports cluster/ only. Every import counts, also those inside
-functions and under TYPE_CHECKING, and no module may reach itself through imports (no circle).
-Ray's private `ray.llm._internal` is reached through one module only.
+Rooms: cluster/ is the control plane on three floors (core: schemas, state, errors, jobs;
+records: the registry and everything it keeps; commands: the CLI and the demo) and imports none
+of the workers. Core imports only core; records import core; commands import core and records.
+The workers import core and records, never commands: llm/ besides itself, federated/ also llm/,
+serve/ nothing else. Every import counts, also those inside functions and under TYPE_CHECKING,
+and no module may reach itself through imports (no circle). Ray's private `ray.llm._internal`
+is reached through one module only.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cluster", "llm", "federated", "serve")
+CORE, RECORDS, COMMANDS = "cluster.core", "cluster.records", "cluster.commands"
 ALLOWED = {
-    "cluster": {"cluster"},
-    "llm": {"cluster", "llm"},
-    "federated": {"cluster", "llm", "federated"},
-    "serve": {"cluster", "serve"},
+    "cluster": {"cluster"},  # the package's own __init__
+    CORE: {CORE},
+    RECORDS: {CORE, RECORDS},
+    COMMANDS: {CORE, RECORDS, COMMANDS},
+    "llm": {CORE, RECORDS, "llm"},
+    "federated": {CORE, RECORDS, "llm", "federated"},
+    "serve": {CORE, RECORDS, "serve"},
 }
 PRIVATE_RAY = "ray.llm._internal"
 PRIVATE_RAY_DOOR = "serve.ray_internal"
@@ -50,14 +57,42 @@ def _graph(root: Path = REPO) -> dict[str, set[str]]:
     }
 
 
-def test_no_import_crosses_a_forbidden_arrow():
-    broken = [
+def room(module: str) -> str:
+    """The room a module lives in: a floor of cluster/, or a worker package."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "cluster" and len(parts) > 1 else parts[0]
+
+
+def forbidden(graph: dict[str, set[str]]) -> list[str]:
+    return [
         f"{module} imports {target}"
-        for module, targets in _graph().items()
+        for module, targets in graph.items()
         for target in targets
-        if target.split(".")[0] not in ALLOWED[module.split(".")[0]]
+        if room(target) not in ALLOWED[room(module)]
     ]
+
+
+def test_no_import_crosses_a_forbidden_arrow():
+    broken = forbidden(_graph())
     assert broken == [], "imports the design forbids:\n" + "\n".join(broken)
+
+
+def test_a_worker_or_record_importing_a_command_is_caught(tmp_path):
+    """Planted forbidden imports: a worker reaching the demo, a record reaching the CLI, the
+    core reaching a record; each is named."""
+    for package in (*PACKAGES, "cluster/core", "cluster/records", "cluster/commands"):
+        (tmp_path / package).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cluster/commands/demo.py").write_text("")
+    (tmp_path / "cluster/commands/cli.py").write_text("")
+    (tmp_path / "cluster/records/registry.py").write_text("from cluster.commands.cli import app\n")
+    (tmp_path / "cluster/core/state.py").write_text("from cluster.records import registry\n")
+    (tmp_path / "llm/train.py").write_text("def f():\n    from cluster.commands import demo\n")
+    (tmp_path / "serve/ok.py").write_text("from cluster.records.registry import x\n")
+    assert sorted(forbidden(_graph(tmp_path))) == [
+        "cluster.core.state imports cluster.records.registry",
+        "cluster.records.registry imports cluster.commands.cli",
+        "llm.train imports cluster.commands.demo",
+    ]
 
 
 def test_no_import_circle():
@@ -102,3 +137,19 @@ def test_the_checker_sees_arrows_inside_functions(tmp_path):
     (tmp_path / "llm" / "model.py").write_text("")
     (tmp_path / "serve" / "bad.py").write_text("def f():\n    from llm.model import load\n")
     assert _graph(tmp_path)["serve.bad"] == {"llm.model"}
+
+
+def test_a_worker_module_is_named_in_exactly_one_place():
+    """`python -m <worker>` is written once, in the jobs table: every command, script and test
+    runs a job through it (a string naming a worker module anywhere else fails here)."""
+    from cluster.core.jobs import JOBS
+
+    workers = {job.module for job in JOBS.values()}
+    named: dict[str, list[str]] = {module: [] for module in workers}
+    for path in [*REPO.glob("*/**/*.py")]:
+        if ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and node.value in workers:
+                named[node.value].append(str(path.relative_to(REPO)))
+    assert named == {module: ["cluster/core/jobs.py"] for module in workers}

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.lineage import COMMUNICATION_METRIC
-from cluster.privacy_record import PrivacyRecord
-from cluster.registry import PRODUCTION, Registry
-from cluster.release_manifest import check_registered, job_log_lines, round_fields, unlisted
+from cluster.records.lineage import COMMUNICATION_METRIC
+from cluster.records.privacy_record import PrivacyRecord
+from cluster.records.registry import PRODUCTION, Registry
+from cluster.records.release_manifest import check_registered, job_log_lines, round_fields, unlisted
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def _listening(port: int) -> bool:
 
 def test_demo_trains_federates_gates_serves_and_cleans_up(state, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", "from cluster.cli import main; main()", "demo", "--profile",
+        [sys.executable, "-c", "from cluster.commands.cli import main; main()", "demo", "--profile",
          "tiny", "--state-dir", str(state.root)],
         cwd=REPO,
         capture_output=True,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.k8s_pods import SEED_STATE_DIR, USER_ID
-from cluster.state import DEMO_MODEL_DIRNAME, ENV_VAR
+from cluster.commands.k8s_pods import SEED_STATE_DIR, USER_ID
+from cluster.core.state import DEMO_MODEL_DIRNAME, ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -79,7 +79,7 @@ def test_cpu_image_builds_and_runs_as_non_root():
     tag = "fedforge:test-cpu"
     subprocess.run(["docker", "build", "-t", tag, str(REPO)], check=True)
     probe = (
-        "import os, cluster.cli, vllm; from cluster.state import StateDir; "
+        "import os, cluster.commands.cli, vllm; from cluster.core.state import StateDir; "
         "print(os.getuid(), StateDir.resolve().base_model('demo'))"
     )
     ran = subprocess.run(

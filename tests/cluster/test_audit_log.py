@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cluster.audit_log import AuditEntry, AuditLog, check_chain, sha256
-from cluster.cli import app
-from cluster.lineage import Lineage
-from cluster.registry import PRODUCTION, Registry, RegistryError
+from cluster.commands.cli import app
+from cluster.records.audit_log import AuditEntry, AuditLog, check_chain, sha256
+from cluster.records.lineage import Lineage
+from cluster.records.registry import PRODUCTION, Registry, RegistryError
 
 REPO = Path(__file__).resolve().parents[2]
 LINEAGE = Lineage(kind="test", base_model="tiny", metrics={"eval_accuracy": 0.5})
@@ -84,7 +84,7 @@ def test_history_shows_every_act_with_its_versions_reasons_and_actor(
 
 
 def test_gate_promotions_carry_the_gate_decision_as_reason(registry, stub_adapter):
-    from cluster.gate import run_gate
+    from cluster.commands.gate import run_gate
 
     register(registry, stub_adapter, n=2)
     run_gate(registry, "m", registry.versions("m"))
@@ -239,7 +239,7 @@ KILL = """
 import os, signal
 from pathlib import Path
 from mlflow import MlflowClient
-from cluster.registry import Registry
+from cluster.records.registry import Registry
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)  # no except, no finally: a real kill
@@ -406,7 +406,7 @@ def test_the_log_works_on_an_mlflow_server_with_writers_in_separate_processes(
     script = textwrap.dedent(
         f"""
         import sys
-        from cluster.registry import Registry
+        from cluster.records.registry import Registry
         log = Registry({mlflow_server!r})._audit("m")
         for j in range(4):
             log.append("promote", "1", reason=f"writer {{sys.argv[1]}}.{{j}}")

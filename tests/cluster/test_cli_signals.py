@@ -16,6 +16,8 @@ import httpx
 import psutil
 import pytest
 
+from cluster.core.jobs import SERVE
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 PORT = 8000  # configs/serve/tiny.yaml
@@ -38,7 +40,7 @@ def _wait(condition, timeout: float, poll: float = 0.5) -> bool:
 def test_sigterm_to_fedforge_serve_leaves_no_process_and_frees_the_port(state, tmp_path):
     assert not _port_open(PORT), "another endpoint already holds the test port"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from cluster.cli import main; main()", "serve", "--config",
+        [sys.executable, "-c", "from cluster.commands.cli import main; main()", "serve", "--config",
          "configs/serve/tiny.yaml", "--state-dir", str(state.root)],
         cwd=REPO, stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "FEDFORGE_API_KEYS": "sk-signal-test", "RAY_ADDRESS": ""},
@@ -57,7 +59,7 @@ def test_sigterm_to_fedforge_serve_leaves_no_process_and_frees_the_port(state, t
         # Everything the command started, while it serves: job, Ray head, replicas, vLLM.
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
-        assert "serve.deploy" in names and "raylet" in names
+        assert SERVE.module in names and "raylet" in names
 
         proc.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()

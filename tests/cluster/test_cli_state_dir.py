@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import cluster.demo
-import cluster.jobs
-import cluster.privacy_cli
-from cluster.cli import app
-from cluster.config import RegistrySettings
-from cluster.lineage import Lineage
-from cluster.registry import Registry
-from cluster.state import StateDir
+import cluster.commands.demo
+import cluster.commands.privacy
+import cluster.core.job_runner
+from cluster.commands.cli import app
+from cluster.core.config import RegistrySettings
+from cluster.core.jobs import FEDERATE, FINETUNE, PRIVACY_AUDIT, PROVISION, SERVE
+from cluster.core.state import StateDir
+from cluster.records.lineage import Lineage
+from cluster.records.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -29,10 +30,10 @@ def launched(monkeypatch, tmp_path) -> list[tuple[str, list[str]]]:
     """Record the job modules the CLI would run, instead of running them."""
     calls: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(
-        cluster.jobs, "run_local", lambda module, args: calls.append((module, args)) or 0
+        cluster.core.job_runner, "run_local", lambda module, args: calls.append((module, args)) or 0
     )
     monkeypatch.setattr(
-        cluster.demo,
+        cluster.commands.demo,
         "run_demo",
         lambda profile, state, *a: calls.append(("demo", [str(state.root)])) or 0,
     )
@@ -52,7 +53,7 @@ def test_jobs_and_registry_honour_the_env_var(launched, monkeypatch, tmp_path, s
         assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["demo", "--profile", "tiny"]).exit_code == 0
     modules = [module for module, _ in launched]
-    assert modules == ["llm.finetune", "federated.run", "serve.deploy", "llm.demo_model", "demo"]
+    assert modules == [*(j.module for j in (FINETUNE, FEDERATE, SERVE, PROVISION)), "demo"]
     assert {_state_dir_of(args) for _, args in launched[:4]} == {str(env_dir)}
     assert launched[4][1] == [str(env_dir)]
 
@@ -85,8 +86,8 @@ def test_a_real_job_reports_the_env_state_dir_it_looked_in(tmp_path):
     env var says and names that place in a one-line error."""
     env_dir = tmp_path / "from-env"
     proc = subprocess.run(
-        [sys.executable, "-c", "from cluster.cli import main; main()", "finetune", "--config",
-         str(REPO / "configs/finetune/tiny.yaml")],
+        [sys.executable, "-c", "from cluster.commands.cli import main; main()", "finetune",
+         "--config", str(REPO / "configs/finetune/tiny.yaml")],
         cwd=REPO, capture_output=True, text=True, timeout=180,
         env={**os.environ, "FEDFORGE_STATE_DIR": str(env_dir), "RAY_ADDRESS": ""},
     )  # fmt: skip
@@ -98,14 +99,16 @@ def test_a_real_job_reports_the_env_state_dir_it_looked_in(tmp_path):
 def test_privacy_audit_runs_the_audit_job_with_its_options(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(
-        cluster.privacy_cli, "run_local", lambda module, args: calls.append((module, args)) or 0
+        cluster.commands.privacy,
+        "run_local",
+        lambda module, args: calls.append((module, args)) or 0,
     )
     monkeypatch.setenv("FEDFORGE_STATE_DIR", str(tmp_path / "s"))
     result = runner.invoke(app, ["privacy", "audit", "--config", "f.yaml", "--canaries", "64"])
     assert result.exit_code == 0, result.output
     assert calls == [
         (
-            "federated.audit",
+            PRIVACY_AUDIT.module,
             ["--config", "f.yaml", "--state-dir", str(tmp_path / "s"), "--canaries", "64"],
         )
     ]

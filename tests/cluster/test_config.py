@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, FinetuneConfig, config_hash, load_config
+from cluster.core.config import ConfigError, FinetuneConfig, config_hash, load_config
+from cluster.core.jobs import FINETUNE
 
 REPO = Path(__file__).resolve().parents[2]
 VALID = """
@@ -63,7 +64,7 @@ def test_missing_file_and_bad_yaml_are_reported(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    from cluster.serve_config import ServeConfig
+    from cluster.core.serve_config import ServeConfig
 
     models = {"finetune": FinetuneConfig, "serve": ServeConfig}
     kind = path.parent.name
@@ -89,7 +90,7 @@ def test_finetune_job_rejects_bad_config_before_starting_ray(tmp_path):
         [
             sys.executable,
             "-m",
-            "llm.finetune",
+            FINETUNE.module,
             "--config",
             str(path),
             "--state-dir",

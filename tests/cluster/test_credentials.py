@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from cluster.config import FinetuneConfig, config_hash
-from cluster.credentials import hash_api_key, redact
-from cluster.lineage import Lineage, recorded_config
-from cluster.registry import Registry
+from cluster.core.config import FinetuneConfig, config_hash
+from cluster.core.credentials import hash_api_key, redact
+from cluster.records.lineage import Lineage, recorded_config
+from cluster.records.registry import Registry
 
 SECRET_URI = "https://alice:s3cret@mlflow.example.org:5000/path?x=1"
 

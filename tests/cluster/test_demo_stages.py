@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import FinetuneConfig, load_config
-from cluster.demo import PROFILES, Demo, Profile
-from cluster.errors import UserError
-from cluster.federated_config import FederatedConfig
-from cluster.lineage import Lineage
-from cluster.registry import PRODUCTION, Registry
+from cluster.commands.demo import PROFILES, Demo, Profile
+from cluster.core.config import FinetuneConfig, load_config
+from cluster.core.errors import UserError
+from cluster.core.federated_config import FederatedConfig
+from cluster.records.lineage import Lineage
+from cluster.records.registry import PRODUCTION, Registry
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 
-from cluster.drift import (
+from cluster.commands.drift_stats import (
     SKETCH,
     DriftResult,
     FeatureTest,
@@ -22,7 +22,7 @@ from cluster.drift import (
     compare,
     plot,
 )
-from cluster.prompt_features import SCALAR_FEATURES, PromptFeatures, prompt_features
+from cluster.records.prompt_features import SCALAR_FEATURES, PromptFeatures, prompt_features
 
 GREETINGS = ("", "Hello, ", "Hi team, ", "Dear support, ", "Good morning. ", "Hey there, ")
 GREETINGS += ("Urgent: ", "Quick question: ")

@@ -17,12 +17,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cluster.cli import app
-from cluster.config import DataSettings
-from cluster.lineage import TRAINING_PROFILE_FILE, Lineage
-from cluster.prompt_features import prompt_features, prompt_text, training_profile
-from cluster.registry import Registry
-from cluster.request_log import AnsweredRequest, RequestLogWriter, utc_iso
+from cluster.commands.cli import app
+from cluster.core.config import DataSettings
+from cluster.records.lineage import TRAINING_PROFILE_FILE, Lineage
+from cluster.records.prompt_features import prompt_features, prompt_text, training_profile
+from cluster.records.registry import Registry
+from cluster.records.request_log import AnsweredRequest, RequestLogWriter, utc_iso
 from llm.data import load_split
 
 MODEL = "fedforge-tiny"  # configs/finetune/tiny.yaml registers it

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from cluster.errors import UserError
-from cluster.gate import decide, run_gate
-from cluster.lineage import Lineage
-from cluster.privacy_record import DataPrivacy
-from cluster.registry import PRODUCTION, Registry, VersionRecord
+from cluster.commands.gate import decide, run_gate
+from cluster.core.errors import UserError
+from cluster.records.lineage import Lineage
+from cluster.records.privacy_record import DataPrivacy
+from cluster.records.registry import PRODUCTION, Registry, VersionRecord
 
 
 def record(version: str, accuracy: float | None) -> VersionRecord:

@@ -20,12 +20,19 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from typer.testing import CliRunner
 
-from cluster.cli import app
-from cluster.config import FinetuneConfig, load_config
-from cluster.federated_config import FederatedConfig
-from cluster.k8s import API_KEYS_SECRET, PROFILES, K8sError, generate, load_profile
-from cluster.k8s_pods import STATE_DIR
-from cluster.serve_config import ServeConfig
+from cluster.commands.cli import app
+from cluster.commands.k8s_manifests import (
+    API_KEYS_SECRET,
+    PROFILES,
+    K8sError,
+    generate,
+    load_profile,
+)
+from cluster.commands.k8s_pods import STATE_DIR
+from cluster.core.config import FinetuneConfig, load_config
+from cluster.core.federated_config import FederatedConfig
+from cluster.core.jobs import FEDERATE, FINETUNE
+from cluster.core.serve_config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "tests" / "data" / "kuberay-crds"
@@ -152,11 +159,12 @@ def test_resources_come_from_the_configs(profile):
     assert int(replica_limits.get("nvidia.com/gpu", 0)) == int(serve.accelerator == "gpu")
 
     jobs = {m["metadata"]["name"]: m["spec"] for m in of_kind(profile, "RayJob")}
-    for job, module in (("finetune", "llm.finetune"), ("federated", "federated.run")):
-        spec = jobs[f"fedforge-{profile}-{job}"]
+    for trained in (FINETUNE, FEDERATE):
+        spec = jobs[f"fedforge-{profile}-{trained.configs_dir}"]
         assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-        config = f"configs/{job}/{profile}.yaml"
-        assert spec["entrypoint"] == f"python -m {module} --config {config} --state-dir {STATE_DIR}"
+        config = f"configs/{trained.configs_dir}/{profile}.yaml"
+        command = f"python -m {trained.module} --config {config} --state-dir {STATE_DIR}"
+        assert spec["entrypoint"] == command
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cluster.config import FinetuneConfig
-from cluster.lineage import Lineage
-from cluster.privacy_record import DataPrivacy, PrivacyBudget, PrivacyRecord, RoundPrivacy
+from cluster.core.config import FinetuneConfig
+from cluster.records.lineage import Lineage
+from cluster.records.privacy_record import DataPrivacy, PrivacyBudget, PrivacyRecord, RoundPrivacy
 
 
 def test_lineage_of_a_run_records_config_rank_and_environment():

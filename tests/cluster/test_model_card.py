@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cluster.audit_log import sha256
-from cluster.cli import app
-from cluster.config import ConfigError, FinetuneConfig, dump_config, load_config
-from cluster.gate import run_gate
-from cluster.lineage import CONFIG_FILE, MODEL_CARD_FILE, Lineage
-from cluster.privacy_record import DataPrivacy, PrivacyBudget
-from cluster.registry import Registry
+from cluster.commands.cli import app
+from cluster.commands.gate import run_gate
+from cluster.core.config import ConfigError, FinetuneConfig, dump_config, load_config
+from cluster.records.audit_log import sha256
+from cluster.records.lineage import CONFIG_FILE, MODEL_CARD_FILE, Lineage
+from cluster.records.privacy_record import DataPrivacy, PrivacyBudget
+from cluster.records.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -167,7 +167,7 @@ def test_card_fields_are_optional_checked_and_recorded_with_the_data_size(tmp_pa
 def test_the_demo_report_links_each_new_versions_card_and_the_alias_history(
     registry, empty_state, stub_adapter, tmp_path
 ):
-    from cluster.demo_report import DemoResult, write_report
+    from cluster.commands.demo_report import DemoResult, write_report
 
     fine = register(registry, stub_adapter, files={CONFIG_FILE: dump_config(CONFIG)})
     fed = register(registry, stub_adapter, files={CONFIG_FILE: dump_config(CONFIG)})

@@ -9,11 +9,11 @@ import shutil
 
 from typer.testing import CliRunner
 
-from cluster.cli import app
-from cluster.config import dump_config, load_config
-from cluster.federated_config import FederatedConfig
-from cluster.lineage import CONFIG_FILE, Lineage
-from cluster.privacy_record import ClientCharge, DataPrivacy, PrivacyRecord, RoundPrivacy
+from cluster.commands.cli import app
+from cluster.core.config import dump_config, load_config
+from cluster.core.federated_config import FederatedConfig
+from cluster.records.lineage import CONFIG_FILE, Lineage
+from cluster.records.privacy_record import ClientCharge, DataPrivacy, PrivacyRecord, RoundPrivacy
 from tests.federated.conftest import TINY
 
 RATE = 1 / 41  # 162 examples in batches of 4

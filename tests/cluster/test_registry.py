@@ -2,10 +2,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cluster.config import LoraSettings
-from cluster.lineage import Lineage
-from cluster.privacy_record import PrivacyBudget
-from cluster.registry import CANDIDATE, PRODUCTION, Registry, RegistryError
+from cluster.core.config import LoraSettings
+from cluster.records.lineage import Lineage
+from cluster.records.privacy_record import PrivacyBudget
+from cluster.records.registry import CANDIDATE, PRODUCTION, Registry, RegistryError
 from llm.lora import apply_lora, load_adapter, save_adapter
 from llm.model import load_model, load_tokenizer
 

@@ -1,9 +1,9 @@
 from typer.testing import CliRunner
 
-from cluster.cli import app
-from cluster.lineage import Lineage
-from cluster.privacy_record import DataPrivacy
-from cluster.registry import Registry
+from cluster.commands.cli import app
+from cluster.records.lineage import Lineage
+from cluster.records.privacy_record import DataPrivacy
+from cluster.records.registry import Registry
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.lineage import ARTIFACT_PATH_TAG, CONFIG_FILE, Lineage
-from cluster.registry import CANDIDATE, PRODUCTION, Registry, RegistryError
+from cluster.records.lineage import ARTIFACT_PATH_TAG, CONFIG_FILE, Lineage
+from cluster.records.registry import CANDIDATE, PRODUCTION, Registry, RegistryError
 
 REPO = Path(__file__).resolve().parents[2]
 LINEAGE = Lineage(kind="test", base_model="tiny", lora_rank=4)
@@ -43,8 +43,8 @@ def test_a_registration_killed_at_any_step_leaves_no_usable_version(step, regist
         import os, signal
         from pathlib import Path
         from mlflow import MlflowClient
-        from cluster.lineage import Lineage
-        from cluster.registry import Registry
+        from cluster.records.lineage import Lineage
+        from cluster.records.registry import Registry
 
         def die(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)  # no except, no finally: a real kill

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.lineage import Lineage
-from cluster.privacy_record import PrivacyBudget
-from cluster.release_manifest import (
+from cluster.records.lineage import Lineage
+from cluster.records.privacy_record import PrivacyBudget
+from cluster.records.release_manifest import (
     UnlistedRelease,
     check_registered,
     check_registration,

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from cluster.demo_report import DemoResult, summary_table, write_report
-from cluster.gate import decide
-from cluster.lineage import COMMUNICATION_METRIC, Lineage
-from cluster.privacy_cli import render_report
-from cluster.privacy_record import PrivacyBudget, PrivacyRecord, RoundPrivacy
-from cluster.registry import Registry, VersionRecord
+from cluster.commands.demo_report import DemoResult, summary_table, write_report
+from cluster.commands.gate import decide
+from cluster.commands.privacy import render_report
+from cluster.records.lineage import COMMUNICATION_METRIC, Lineage
+from cluster.records.privacy_record import PrivacyBudget, PrivacyRecord, RoundPrivacy
+from cluster.records.registry import Registry, VersionRecord
 
 
-def _version(
-    registry, adapter, accuracy: float, kind: str, extra=None, **lineage
-) -> VersionRecord:
+def _version(registry, adapter, accuracy: float, kind: str, extra=None, **lineage) -> VersionRecord:
     with registry.run("report", kind, {}) as run_id:
         steps = range(1, 4)
         key = "loss" if kind == "finetune" else "train_loss"

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from cluster.request_log import (
+from cluster.records.request_log import (
     AnsweredRequest,
     RequestLogWriter,
     key_id,

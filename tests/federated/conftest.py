@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import load_config
-from cluster.federated_config import FederatedConfig
+from cluster.core.config import load_config
+from cluster.core.federated_config import FederatedConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "federated" / "tiny.yaml"

@@ -17,8 +17,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
-from cluster.federated_config import FederatedConfig
-from cluster.state import StateDir
+from cluster.core.federated_config import FederatedConfig
+from cluster.core.state import StateDir
 from federated.ledger import history_of, sample_rate
 from federated.local_train import client_ledger
 from federated.node_task import ClientState, NodeTask

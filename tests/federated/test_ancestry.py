@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from cluster.example_ids import ExampleKey
-from cluster.privacy_record import ClientCharge, DataUse, DataUses, PrivacyRecord, budget_overrun
-from cluster.state import StateDir
+from cluster.core.example_ids import ExampleKey
+from cluster.core.state import StateDir
+from cluster.records.privacy_record import (
+    ClientCharge,
+    DataUse,
+    DataUses,
+    PrivacyRecord,
+    budget_overrun,
+)
 from federated.ancestry import ancestor_uses, compose, run_use
 from llm.data import example_content, load_split
 from llm.publish import example_ids, profile_examples
@@ -122,8 +128,8 @@ def test_an_edited_file_keeps_the_spend_of_the_examples_it_still_holds(tmp_path,
 def test_a_parent_without_per_example_records_is_taken_to_hold_every_example(key, tmp_path):
     """A parent registered before data_uses.json: its curves (or its run's histories) compose
     with every example; a parent that recorded nothing leaves no guarantee."""
-    from cluster.lineage import Lineage
-    from cluster.privacy_record import DataPrivacy
+    from cluster.records.lineage import Lineage
+    from cluster.records.privacy_record import DataPrivacy
 
     first, second = record({"0": charges(1.0, 0.1, 2, 2)}), record({"0": charges(1.1, 0.1, 2, 2)})
     lineage = Lineage(

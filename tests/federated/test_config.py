@@ -1,9 +1,9 @@
-"""The federated config schema (cluster.federated_config) on the shipped files and its rules."""
+"""The federated config schema (cluster.core.federated_config): the shipped files and its rules."""
 
 import pytest
 
-from cluster.config import ConfigError, load_config
-from cluster.federated_config import FederatedConfig
+from cluster.core.config import ConfigError, load_config
+from cluster.core.federated_config import FederatedConfig
 from tests.federated.conftest import REPO, tiny, write_config
 
 

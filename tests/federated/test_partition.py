@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from cluster.federated_config import PartitionSettings
+from cluster.core.federated_config import PartitionSettings
 from federated.partition import PartitionError, partition_indices
 from llm.data import Example
 

@@ -6,8 +6,8 @@ import pytest
 import tomli_w
 from flwr.common.config import parse_config_args
 
-from cluster.config import load_config
-from cluster.federated_config import FederatedConfig
+from cluster.core.config import load_config
+from cluster.core.federated_config import FederatedConfig
 from federated.partition import PartitionError, client_examples
 from federated.plan import FederatedPlan
 from federated.planning import make_plan

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError
-from cluster.federated_config import FlowerSettings
+from cluster.core.config import ConfigError
+from cluster.core.federated_config import FlowerSettings
 from federated.certs import make_node_key, make_tls, server_names
 from federated.federation import fleet_bind_host
 from federated.flower_processes import process_env

@@ -24,7 +24,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from cluster.config import ConfigError
+from cluster.core.config import ConfigError
 from federated.client_app import build_client_app
 from federated.ledger import ServerLedger, outside_client
 from federated.planning import make_plan

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from cluster.config import DataSettings
+from cluster.core.config import DataSettings
 from llm.data import (
     IGNORE_INDEX,
     DatasetError,

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.lineage import CONFIG_FILE
-from cluster.registry import CANDIDATE, Registry
+from cluster.core.jobs import FINETUNE
+from cluster.records.lineage import CONFIG_FILE
+from cluster.records.registry import CANDIDATE, Registry
 from llm.data import dataset_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -35,7 +36,7 @@ def start_job(config: Path, state, log: Path) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "llm.finetune",
+            FINETUNE.module,
             "--config",
             str(config),
             "--state-dir",

@@ -1,6 +1,6 @@
 import pytest
 
-from cluster.config import FinetuneConfig
+from cluster.core.config import FinetuneConfig
 from llm.run_identity import RunMismatchError, check_or_record
 
 BASE = {"name": "r", "data": {"path": "d.jsonl"}, "train": {"max_steps": 10}}

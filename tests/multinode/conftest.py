@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.state import StateDir
+from cluster.core.state import StateDir
 from tests.multinode.harness import REPO, LocalCluster
 
 SCRIPT = REPO / "scripts" / "local_cluster.sh"

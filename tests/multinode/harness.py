@@ -39,7 +39,7 @@ def fedforge(*args: str, timeout: float) -> subprocess.CompletedProcess:
     """The fedforge CLI as a user runs it, from the repository root (the jobs' working dir)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
-        [sys.executable, "-c", "from cluster.cli import main; main()", *args],
+        [sys.executable, "-c", "from cluster.commands.cli import main; main()", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

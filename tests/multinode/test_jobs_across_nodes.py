@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.credentials import hash_api_key
-from cluster.jobs import submit_job
-from cluster.registry import PRODUCTION, Registry
+from cluster.core.credentials import hash_api_key
+from cluster.core.job_runner import submit_job
+from cluster.core.jobs import SERVE
+from cluster.records.registry import PRODUCTION, Registry
 from tests.multinode.harness import (
     REPO,
     LocalCluster,
@@ -139,7 +140,7 @@ def test_serving_replicas_on_two_nodes(
     started = time.monotonic()
     job = submit_job(
         client,
-        "serve.deploy",
+        SERVE.module,
         ["--config", str(config), "--state-dir", str(cluster_state.root)],
         env={"FEDFORGE_API_KEYS": hash_api_key(key)},
         python="python",

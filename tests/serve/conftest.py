@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import LoraSettings
-from cluster.lineage import Lineage
-from cluster.registry import Registry
-from cluster.state import StateDir
+from cluster.core.config import LoraSettings
+from cluster.core.state import StateDir
+from cluster.records.lineage import Lineage
+from cluster.records.registry import Registry
 
 TINY_RANK = 4  # the rank of `tiny_adapters`, within configs/serve/tiny.yaml's max_lora_rank
 

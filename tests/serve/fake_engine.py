@@ -16,8 +16,8 @@ from collections.abc import Callable
 import httpx
 from fastapi.responses import JSONResponse
 
-from cluster.credentials import hash_api_key as hash_key
-from cluster.serve_config import LimitSettings
+from cluster.core.credentials import hash_api_key as hash_key
+from cluster.core.serve_config import LimitSettings
 from serve.answer_log import AnswerLogSettings
 from serve.app import ENDPOINTS, ingress_app
 from serve.ingress import KeyCheckedIngress

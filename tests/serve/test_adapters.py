@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.lineage import Lineage
-from cluster.privacy_record import DataPrivacy
-from cluster.registry import Registry
-from cluster.serve_config import ServeConfig
+from cluster.core.serve_config import ServeConfig
+from cluster.records.lineage import Lineage
+from cluster.records.privacy_record import DataPrivacy
+from cluster.records.registry import Registry
 from serve.adapter_loader import RegistryAdapterLoader
 from serve.adapters import (
     AdapterRoute,
@@ -163,7 +163,7 @@ def test_ray_builds_the_loader_with_its_retry_settings(empty_state):
     (from lora_config): the loader must take both, or no engine replica starts."""
     from ray.serve.llm import LLMServer
 
-    from cluster.config import ModelSettings
+    from cluster.core.config import ModelSettings
     from serve.app import llm_config
     from serve.engine import registry_loader
 

@@ -9,8 +9,8 @@ import json
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.credentials import hash_api_key
-from cluster.request_log import read_entries
+from cluster.core.credentials import hash_api_key
+from cluster.records.request_log import read_entries
 from serve.answer_log import AnswerLogSettings
 from tests.serve.fake_engine import BASE, KEY, auth, ingress_client
 

@@ -1,7 +1,7 @@
 import pytest
 
-from cluster.credentials import hash_api_key as hash_key
-from cluster.serve_config import AuthSettings
+from cluster.core.credentials import hash_api_key as hash_key
+from cluster.core.serve_config import AuthSettings
 from serve.api_keys import ApiKeyError, is_authorized, load_key_hashes
 
 

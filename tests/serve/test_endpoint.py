@@ -20,11 +20,11 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 
-from cluster.audit_log import holder_at
-from cluster.config import RegistrySettings, load_config
-from cluster.registry import PRODUCTION, Registry
-from cluster.request_log import read_entries
-from cluster.serve_config import RequestLogSettings, ServeConfig
+from cluster.core.config import RegistrySettings, load_config
+from cluster.core.serve_config import RequestLogSettings, ServeConfig
+from cluster.records.audit_log import holder_at
+from cluster.records.registry import PRODUCTION, Registry
+from cluster.records.request_log import read_entries
 from serve.relabel import DIGEST_HEADER, MODEL_HEADER
 from tests.serve.conftest import register, serving
 from tests.serve.fake_engine import NOT_SERVED, assert_openai_error, served_routes

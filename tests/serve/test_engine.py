@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from cluster.config import ModelSettings, load_config
-from cluster.serve_config import ServeConfig
-from cluster.state import ModelNotFoundError
+from cluster.core.config import ModelSettings, load_config
+from cluster.core.serve_config import ServeConfig
+from cluster.core.state import ModelNotFoundError
 from serve.app import llm_config
 from serve.engine import EngineServer, LocalModelCallback
 

@@ -20,8 +20,8 @@ import httpx
 import psutil
 import pytest
 
-from cluster.config import load_config
-from cluster.serve_config import ServeConfig
+from cluster.core.config import load_config
+from cluster.core.serve_config import ServeConfig
 from scripts.serve_harness import replica_processes
 from tests.serve.conftest import serving
 from tests.serve.fake_engine import assert_openai_error

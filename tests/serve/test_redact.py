@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import serve.adapters
-from cluster.credentials import redact
+from cluster.core.credentials import redact
 from serve.adapters import AdapterSource, AdapterWatcher
 
 

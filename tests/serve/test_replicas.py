@@ -17,8 +17,8 @@ import ray
 import yaml
 from ray import serve
 
-from cluster.config import load_config
-from cluster.serve_config import ServeConfig
+from cluster.core.config import load_config
+from cluster.core.serve_config import ServeConfig
 from serve.deploy import deploy
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

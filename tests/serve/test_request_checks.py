@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.requests import Request
 
-from cluster.serve_config import LimitSettings
+from cluster.core.serve_config import LimitSettings
 from serve.request_checks import (
     BadRequest,
     Bounds,
