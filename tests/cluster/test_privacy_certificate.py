@@ -14,7 +14,7 @@ from cluster.core.config import dump_config, load_config
 from cluster.core.federated_config import FederatedConfig
 from cluster.records.lineage import CONFIG_FILE, Lineage
 from cluster.records.privacy_record import ClientCharge, DataPrivacy, PrivacyRecord, RoundPrivacy
-from tests.federated.conftest import TINY
+from tests.federated.tiny_config import TINY
 
 RATE = 1 / 41  # 162 examples in batches of 4
 

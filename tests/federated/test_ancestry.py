@@ -22,7 +22,7 @@ from cluster.records.privacy_record import (
 from federated.ancestry import ancestor_uses, compose, run_use
 from llm.data import example_content, load_split
 from llm.publish import example_ids, profile_examples
-from tests.federated.conftest import tiny
+from tests.federated.tiny_config import tiny
 
 DELTA = 1e-5
 

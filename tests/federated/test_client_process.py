@@ -22,7 +22,7 @@ from federated.flower_processes import WarmTrainer, process_env
 from federated.local_train import lora_model
 from federated.planning import make_plan
 from federated.run_config import RAY_NAMESPACE, NodeConfig, RunSpec
-from tests.federated.conftest import tiny
+from tests.federated.tiny_config import tiny
 
 HEAVY = ["torch", "opacus", "transformers", "peft"]
 

@@ -4,7 +4,7 @@ import pytest
 
 from cluster.core.config import ConfigError, load_config
 from cluster.core.federated_config import FederatedConfig
-from tests.federated.conftest import REPO, tiny, write_config
+from tests.federated.tiny_config import REPO, tiny, write_config
 
 
 @pytest.mark.parametrize("name", ["demo", "tiny", "gpu"])

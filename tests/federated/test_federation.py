@@ -31,7 +31,7 @@ from federated.run_files import RunFiles
 from federated.strategy import RoundReport
 from llm.lora import load_adapter
 from llm.model import load_model
-from tests.federated.conftest import REPO, tiny
+from tests.federated.tiny_config import REPO, tiny
 
 # Imported by every Python process started with this directory on PYTHONPATH: it makes the
 # ClientApp of that SuperNode return NaN tensors (a broken or malicious client).

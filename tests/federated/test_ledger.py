@@ -30,8 +30,8 @@ from federated.protocol import OUTSIDE_CLIENT, TrainTask
 from federated.run_config import NodeConfig, RunSpec
 from federated.run_files import RunFiles
 from federated.server_app import serve_rounds
-from tests.federated.conftest import REPO, tiny
 from tests.federated.loopback import HonestClient, LoopbackGrid, opacus_epsilon, step
+from tests.federated.tiny_config import REPO, tiny
 
 L = 2  # tiny.yaml's local_steps
 SECURE = {"tls": True, "supernode_auth": True}

@@ -14,7 +14,7 @@ from federated.planning import make_plan
 from federated.privacy import PrivacyPlanError, recompute_epsilon, sample_rate
 from federated.protocol import PARTITION_ID
 from federated.run_config import NodeConfig, RunSpec
-from tests.federated.conftest import REPO, tiny
+from tests.federated.tiny_config import REPO, tiny
 
 
 def test_the_demo_plan_keeps_the_numbers_it_had_when_the_config_derived_them(monkeypatch):

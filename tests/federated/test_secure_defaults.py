@@ -16,7 +16,7 @@ from cluster.core.federated_config import FlowerSettings
 from federated.certs import make_node_key, make_tls, server_names
 from federated.federation import fleet_bind_host
 from federated.flower_processes import process_env
-from tests.federated.conftest import tiny
+from tests.federated.tiny_config import tiny
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from federated.run_config import RunSpec
 from federated.run_files import RunFiles
 from llm.lora import load_adapter
 from llm.model import load_model
-from tests.federated.conftest import tiny
 from tests.federated.loopback import opacus_epsilon
+from tests.federated.tiny_config import tiny
 
 
 @pytest.mark.integration

@@ -31,8 +31,8 @@ from federated.planning import make_plan
 from federated.privacy import ledger_epsilons
 from federated.protocol import METRICS, OUTSIDE_CLIENT, TrainMetrics, TrainReply, payload_bytes
 from federated.strategy import GuardedStrategy, JoinTimeout, RoundReport
-from tests.federated.conftest import tiny
 from tests.federated.loopback import LoopbackGrid, opacus_epsilon
+from tests.federated.tiny_config import tiny
 
 SECURE = {"tls": True, "supernode_auth": True}
 KEYS = ("m.lora_A.weight", "m.lora_B.weight")
