@@ -91,3 +91,13 @@ def test_a_default_superlink_cannot_be_reached_from_another_interface(tmp_path):
     finally:
         link.terminate()
         link.wait(timeout=30)
+
+
+def test_a_client_owner_makes_its_key_pair_with_the_readme_command(tmp_path):
+    """`python -m federated.certs node-key --out keys/x`, as the README's client owner runs it."""
+    out = tmp_path / "keys" / "hospital-a"
+    subprocess.run(
+        [sys.executable, "-m", "federated.certs", "node-key", "--out", str(out)], check=True
+    )
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.with_suffix(".pub").read_text().startswith("ecdsa-sha2-nistp")
