@@ -55,6 +55,7 @@ PRODUCTION = "production"
 PENDING, COMPLETE = "pending", "complete"  # values of REGISTRATION_TAG
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 ARTIFACT_PATH = re.compile(r"adapter-[0-9a-f]{12}")
+PRODUCTION_HISTORY_KEPT = 200  # versions `rollback` can step back through
 
 
 class RegistryError(UserError):
@@ -81,13 +82,20 @@ class VersionRecord:
                 f"version {version.version} of '{version.name}' has an invalid artifact path "
                 f"{artifact_path!r}"
             )
+        try:
+            lineage = Lineage.from_tags(version.tags)
+        except ValueError as exc:  # a malformed tag (pydantic's and json's errors are ValueErrors)
+            raise RegistryError(
+                f"version {version.version} of '{version.name}' has a malformed lineage tag "
+                f"({type(exc).__name__})"
+            ) from None
         return cls(
             name=version.name,
             version=str(version.version),
             run_id=version.run_id,
             source=version.source,
             artifact_path=artifact_path,
-            lineage=Lineage.from_tags(version.tags),
+            lineage=lineage,
             adapter_sha256=version.tags.get(ADAPTER_DIGEST_TAG, ""),
         )
 
@@ -235,19 +243,30 @@ class Registry:
         return self.get(name, number)
 
     def versions(self, name: str) -> list[VersionRecord]:
-        """The complete versions of `name`, oldest first."""
+        """The complete versions of `name`, oldest first; a malformed one is skipped (and named
+        once in the log), never allowed to hide the others."""
+        check_model_name(name)  # so the filter below cannot be broken out of
         records = []
-        for version in self.client.search_model_versions(f"name = '{name}'"):
+        search = self.client.search_model_versions
+        for version in _every_page(search, filter_string=f"name = '{name}'"):
             if not _is_complete(version):
                 continue
             try:
                 records.append(VersionRecord.of(version))
-            except RegistryError as exc:  # one tampered version must not hide the others
-                log.warning("skipping %s", exc)
+            except RegistryError as exc:
+                _warn_once(f"skipping {exc}")
         return sorted(records, key=lambda v: int(v.version))
 
     def model_names(self) -> list[str]:
-        return sorted(m.name for m in self.client.search_registered_models())
+        """Every registered model fedforge could have registered (others, e.g. a name with a
+        quote made through MLflow's own API, are skipped and named once in the log)."""
+        names = []
+        for model in _every_page(self.client.search_registered_models):
+            if MODEL_NAME.fullmatch(model.name):
+                names.append(model.name)
+            else:
+                _warn_once(f"skipping registered model {model.name!r}: not a fedforge name")
+        return sorted(names)
 
     def aliases(self, name: str) -> dict[str, str]:
         """Alias -> version number, as a string (stores disagree on int vs str)."""
@@ -463,7 +482,10 @@ class Registry:
         return history
 
     def _move_production(self, name: str, history: list[str]) -> None:
-        self.client.set_registered_model_tag(name, PRODUCTION_HISTORY_TAG, json.dumps(history))
+        # Only the latest moves: a tag holds at most 5,000 characters on a PostgreSQL or MySQL
+        # store, which a whole history passes after about 730 moves (the audit log keeps all).
+        kept = history[-PRODUCTION_HISTORY_KEPT:]
+        self.client.set_registered_model_tag(name, PRODUCTION_HISTORY_TAG, json.dumps(kept))
         self.client.set_registered_model_alias(name, PRODUCTION, history[-1])
 
     def promote(self, name: str, ref: str | int, reason: str | None = None) -> VersionRecord:
@@ -554,6 +576,27 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _every_page(search, **kwargs) -> Iterator:
+    """Every result of an MLflow search, page by page (one page holds 100 models by default)."""
+    token = None
+    while True:
+        page = search(page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Readers run every few seconds (the endpoint's adapter table): say each problem once."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _already_exists(exc: MlflowException) -> bool:

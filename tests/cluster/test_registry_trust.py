@@ -162,3 +162,48 @@ def test_a_download_whose_files_differ_from_the_registered_digest_is_refused(
         stored.unlink()
     with pytest.raises(RegistryError, match="do not match its registered digest"):
         registry.download("m", record.version, tmp_path / "tampered")
+
+
+def test_one_malformed_record_never_hides_the_others(registry, adapter, caplog):
+    """Through MLflow's own API: a model named with a quote, a version with a metric tag that
+    is not a number and one with broken JSON. Listing, reading and serving go on without them,
+    and each is named once in the log however often the registry is read."""
+    good = register(registry, adapter)
+    bad_metric, bad_json = register(registry, adapter), register(registry, adapter)
+    client = registry.client
+    client.set_model_version_tag("m", bad_metric.version, "fedforge.metric.eval_accuracy", "high")
+    client.set_model_version_tag("m", bad_json.version, "fedforge.data_privacy", "{not json")
+    client.create_registered_model("x'y")
+    with caplog.at_level("WARNING", logger="cluster.records.registry"):
+        for _ in range(3):  # a replica's refreshes
+            assert registry.model_names() == ["m"]
+            assert [v.version for v in registry.versions("m")] == [good.version]
+    named = [r.getMessage() for r in caplog.records]
+    assert sum("x'y" in m for m in named) == 1
+    assert sum(f"version {bad_metric.version} of 'm' has a malformed" in m for m in named) == 1
+    with pytest.raises(RegistryError, match=f"version {bad_json.version} of 'm' has a malformed"):
+        registry.get("m", bad_json.version)
+
+
+def test_every_model_is_listed_past_one_search_page(registry, adapter):
+    with registry.run("trust", "many", {}) as run_id:
+        for i in range(105):  # MLflow returns 100 registered models per page by default
+            registry.client.create_registered_model(f"model-{i:03d}")
+        registry.register_adapter("model-104", adapter, run_id, LINEAGE)
+    names = registry.model_names()
+    assert len(names) == 105 and names[-1] == "model-104"
+
+
+def test_the_production_history_tag_stays_small_however_many_moves(registry, adapter):
+    """A tag holds 5,000 characters on PostgreSQL and MySQL stores: the history kept in it is
+    bounded, and rollback still steps back through the latest moves."""
+    from cluster.records.lineage import PRODUCTION_HISTORY_TAG
+    from cluster.records.registry import PRODUCTION_HISTORY_KEPT
+
+    v1, v2 = register(registry, adapter).version, register(registry, adapter).version
+    history = [v1, v2] * PRODUCTION_HISTORY_KEPT  # as if 400 moves had been made
+    registry._move_production("m", history)
+    kept = registry.client.get_registered_model("m").tags[PRODUCTION_HISTORY_TAG]
+    assert len(kept) < 5000
+    target, _ = registry.rollback("m")
+    assert target.version == v1
