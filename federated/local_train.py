@@ -30,7 +30,10 @@ from federated.run_config import NodeConfig, RunSpec
 from llm.data import Example, encode_example, load_examples
 from llm.lora import apply_lora
 from llm.model import load_model, load_tokenizer
-from llm.training import rank_batch, train_step
+from llm.training import lora_model_and_optimizer, rank_batch, train_step
+
+# torch's AdamW default, which clients have always trained with (the config has no field for it).
+LOCAL_WEIGHT_DECAY = 0.01
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,28 @@ def _tokenizer(model_path: str):
     return load_tokenizer(model_path)
 
 
+def _fresh_base(cfg: FederatedConfig, model_path: str, device: torch.device) -> torch.nn.Module:
+    """A copy of the process's cached base model on `device`, for one round's LoRA to wrap."""
+    return copy.deepcopy(_base_model(model_path, cfg.model.dtype, str(device)))
+
+
 def lora_model(cfg: FederatedConfig, model_path: str, device: torch.device) -> PeftModel:
-    base = copy.deepcopy(_base_model(model_path, cfg.model.dtype, str(device)))
-    return apply_lora(base, cfg.lora, cfg.federation.seed, device)
+    """The run's LoRA model without an optimizer: the server's initial adapter, evaluation."""
+    return apply_lora(_fresh_base(cfg, model_path, device), cfg.lora, cfg.federation.seed, device)
+
+
+def client_model_and_optimizer(
+    cfg: FederatedConfig, model_path: str, device: torch.device
+) -> tuple[PeftModel, torch.optim.AdamW]:
+    """lora_model_and_optimizer with the run's base model and local training settings."""
+    return lora_model_and_optimizer(
+        _fresh_base(cfg, model_path, device),
+        cfg.lora,
+        device,
+        seed=cfg.federation.seed,
+        learning_rate=cfg.federation.learning_rate,
+        weight_decay=LOCAL_WEIGHT_DECAY,
+    )
 
 
 def _cycle(loader) -> Iterator[dict[str, torch.Tensor]]:
@@ -83,12 +105,8 @@ def train_round(
     encoded = [
         encode_example(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in examples
     ]
-    model = lora_model(cfg, model_path, device)
-    arrays_to_adapter(model, arrays)
-    model.train()
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=fed.learning_rate
-    )
+    model, optimizer = client_model_and_optimizer(cfg, model_path, device)
+    arrays_to_adapter(model, arrays)  # in place: the optimizer keeps the same tensors
     losses: list[float] = []
     history = list(history)
     if noise_multiplier is not None:

@@ -29,8 +29,8 @@ from llm.lora import save_adapter
 from llm.model import load_tokenizer
 from llm.training import (
     encoded_train_set,
+    finetune_model_and_optimizer,
     learning_rate,
-    lora_model_and_optimizer,
     rank_batch,
     train_step,
 )
@@ -79,7 +79,7 @@ def train_worker(loop_config: dict) -> None:
     tokenizer = load_tokenizer(loop_config["model_path"])
     encoded = encoded_train_set(cfg, tokenizer)
     device = ray.train.torch.get_device()
-    model, optimizer = lora_model_and_optimizer(cfg, loop_config["model_path"], device)
+    model, optimizer = finetune_model_and_optimizer(cfg, loop_config["model_path"], device)
     checkpoint = ray.train.get_checkpoint()
     start_step = _restore(model, optimizer, checkpoint) if checkpoint else 0
     if rank == 0 and start_step:

@@ -1,4 +1,4 @@
-"""Pure training helpers shared by the Ray Train loop, federated clients and the benchmark.
+"""Pure training helpers shared by the Ray Train loop, federated clients and the benchmarks.
 
 No Ray here: a data order that depends only on (seed, step), the LoRA model and its optimizer,
 and one optimizer step.
@@ -10,8 +10,9 @@ import random
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedModel
 
-from cluster.core.config import FinetuneConfig
+from cluster.core.config import FinetuneConfig, LoraSettings
 from llm.data import collate, encode_example, load_split
 from llm.lora import apply_lora
 from llm.model import load_model
@@ -54,15 +55,42 @@ def learning_rate(step: int, peak: float, warmup: int) -> float:
 
 
 def lora_model_and_optimizer(
-    cfg: FinetuneConfig, model_path: str, device: torch.device | str = "cpu"
-) -> tuple[PeftModel, torch.optim.Optimizer]:
-    model = apply_lora(load_model(model_path, cfg.model.dtype), cfg.lora, cfg.train.seed, device)
+    base: PreTrainedModel,
+    lora: LoraSettings,
+    device: torch.device | str,
+    *,
+    seed: int,
+    learning_rate: float,
+    weight_decay: float,
+) -> tuple[PeftModel, torch.optim.AdamW]:
+    """The model to train and its optimizer: fine-tuning's and every federated client's.
+
+    In the order Opacus needs (opacus#820): `base` on `device`, then fresh LoRA matrices, then
+    AdamW over the trainable (LoRA) tensors only. The model is in training mode; a DP caller
+    wraps both afterwards (federated.privacy.make_private).
+    """
+    model = apply_lora(base, lora, seed, device)
+    model.train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.train.learning_rate,
-        weight_decay=cfg.train.weight_decay,
+        lr=learning_rate,
+        weight_decay=weight_decay,
     )
     return model, optimizer
+
+
+def finetune_model_and_optimizer(
+    cfg: FinetuneConfig, model_path: str, device: torch.device | str = "cpu"
+) -> tuple[PeftModel, torch.optim.AdamW]:
+    """lora_model_and_optimizer with a fine-tuning run's base model and train settings."""
+    return lora_model_and_optimizer(
+        load_model(model_path, cfg.model.dtype),
+        cfg.lora,
+        device,
+        seed=cfg.train.seed,
+        learning_rate=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay,
+    )
 
 
 def train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -> torch.Tensor:

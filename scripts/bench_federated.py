@@ -33,7 +33,7 @@ from cluster.core.config import dump_config  # noqa: E402
 from cluster.core.federated_config import FederatedConfig  # noqa: E402
 from cluster.core.jobs import FEDERATE  # noqa: E402
 from cluster.core.state import StateDir  # noqa: E402
-from federated.local_train import lora_model  # noqa: E402
+from federated.local_train import client_model_and_optimizer  # noqa: E402
 from federated.partition import client_examples  # noqa: E402
 from federated.planning import make_plan  # noqa: E402
 from federated.privacy import dp_train_step  # noqa: E402
@@ -90,10 +90,7 @@ def step_times(cfg: FederatedConfig, model_path: str, steps: int, warmup: int) -
     results = {}
 
     def fresh():
-        model = lora_model(cfg, model_path, torch.device("cpu"))
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=lr)
+        return client_model_and_optimizer(cfg, model_path, torch.device("cpu"))
 
     model, optimizer = fresh()
     results["plain"] = _time_steps(lambda: train_step(model, optimizer, batch, lr), steps, warmup)

@@ -32,8 +32,8 @@ from llm.model import load_tokenizer  # noqa: E402
 from llm.train_loop import make_trainer  # noqa: E402
 from llm.training import (  # noqa: E402
     encoded_train_set,
+    finetune_model_and_optimizer,
     learning_rate,
-    lora_model_and_optimizer,
     rank_batch,
     train_step,
 )
@@ -54,8 +54,7 @@ def plain_loop(cfg: FinetuneConfig, model_path: str, warmup: int) -> list[float]
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(model_path)
     encoded = encoded_train_set(cfg, tokenizer)
-    model, optimizer = lora_model_and_optimizer(cfg, model_path)
-    model.train()
+    model, optimizer = finetune_model_and_optimizer(cfg, model_path)
     rates = []
     last = time.perf_counter()
     for step in range(cfg.train.max_steps):

@@ -28,8 +28,8 @@ from cluster.core.config import FinetuneConfig, load_config  # noqa: E402
 from llm.model import load_tokenizer  # noqa: E402
 from llm.training import (  # noqa: E402
     encoded_train_set,
+    finetune_model_and_optimizer,
     learning_rate,
-    lora_model_and_optimizer,
     rank_batch,
     train_step,
 )
@@ -67,8 +67,7 @@ def main() -> int:
     encoded = encoded_train_set(cfg, tokenizer)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if on_gpu else lambda: None
-    model, optimizer = lora_model_and_optimizer(cfg, model_path, device)
-    model.train()
+    model, optimizer = finetune_model_and_optimizer(cfg, model_path, device)
     times, losses, tokens = [], [], 0
     for step in range(args.steps):
         batch = rank_batch(
