@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.core.credentials import hash_api_key  # noqa: E402
-from serve.answer_log import AnswerLogSettings  # noqa: E402
+from serve.answers.log import AnswerLogSettings  # noqa: E402
 from serve.app import ENDPOINTS, ingress_app  # noqa: E402
 from serve.ingress import KeyCheckedIngress  # noqa: E402
 from serve.ray_internal import ModelCard  # noqa: E402

@@ -17,11 +17,11 @@ from cluster.core.config import load_config
 from cluster.core.serve_config import ServeConfig
 from cluster.core.state import StateDir
 from cluster.records.registry import Registry, tracking_uri
+from serve.access.keys import load_key_hashes
 from serve.adapter_loader import STORE_KEY
 from serve.adapters import AdapterSource
-from serve.answer_log import AnswerLogSettings
-from serve.api_keys import load_key_hashes
-from serve.errors import error_for_exception
+from serve.answers.errors import error_for_exception
+from serve.answers.log import AnswerLogSettings
 from serve.ingress import KeyCheckedIngress
 from serve.ray_internal import DEFAULT_ENDPOINTS, fastapi_app, to_model_metadata
 
@@ -136,7 +136,7 @@ def ingress_deployment():
 
 
 def fair_use(cfg: ServeConfig) -> dict | None:
-    """serve.rate_limit.FairUse's arguments, None when no limit is set."""
+    """serve.access.budgets.FairUse's arguments, None when no limit is set."""
     auth = cfg.auth
     if not auth.rate_limit_per_minute and not auth.tokens_per_minute:
         return None

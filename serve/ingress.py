@@ -3,12 +3,12 @@
 Ray Serve LLM has no key check (ray-project/ray#55369); its maintainers point to a custom ingress
 class. This one keeps the stock constructor and serves only the routes it overrides (serve.app
 registers no others): each checks `Authorization: Bearer` first, then the body against the
-route's contract (serve.request_checks), then the caller's budgets (serve.rate_limit), resolves
+route's contract (serve.contract.checks), then the caller's budgets (serve.access.budgets), resolves
 registry adapter ids (serve.adapters), and only then delegates to the stock handler, with the
 caller's credentials removed from what is forwarded to the engine replica. Answers name the
 version and adapter digest that produced them (serve.relabel) and, with the request log on, are
-logged (serve.answer_log). `GET /health` is a readiness probe. Every refusal and every exception
-is answered in OpenAI's error shape (serve.errors), never with internal text.
+logged (serve.answers.log). `GET /health` is a readiness probe. Every refusal and every exception
+is answered in OpenAI's error shape (serve.answers.errors), never with internal text.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from cluster.core.serve_config import LimitSettings
+from serve.access.budgets import FairUse
+from serve.access.keys import bearer_hash, is_authorized
 from serve.adapters import AdapterRoute, AdapterSource, AdapterTable, AdapterWatcher
-from serve.answer_log import AnswerLog, AnswerLogSettings, with_usage
-from serve.api_keys import bearer_hash, is_authorized
+from serve.answers.errors import checked_stream, error_for_exception, openai_error
+from serve.answers.log import AnswerLog, AnswerLogSettings, with_usage
+from serve.contract.checks import Bounds, parse_body
 from serve.engine_watch import EngineDown, EngineWatch, engine_is_down
-from serve.errors import checked_stream, error_for_exception, openai_error
-from serve.rate_limit import FairUse
 from serve.ray_internal import ModelCard, ModelList
 from serve.relabel import relabel
-from serve.request_checks import Bounds, parse_body
 
 # Never forwarded to the engine replica: the caller's credentials stay at the ingress.
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})

@@ -79,7 +79,8 @@ ModelList = _private(
 OpenAIHTTPException = _private(
     "serve.core.configs.openai_api_models",
     "OpenAIHTTPException",
-    "to map the engine's refusals, which the stock ingress re-raises as it, in serve.errors",
+    "to map the engine's refusals, which the stock ingress re-raises as it, "
+    "in serve.answers.errors",
 )
 CallbackBase = _private(
     "common.callbacks.base",

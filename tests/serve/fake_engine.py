@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from cluster.core.credentials import hash_api_key as hash_key
 from cluster.core.serve_config import LimitSettings
-from serve.answer_log import AnswerLogSettings
+from serve.answers.log import AnswerLogSettings
 from serve.app import ENDPOINTS, ingress_app
 from serve.ingress import KeyCheckedIngress
 from serve.ray_internal import ModelCard

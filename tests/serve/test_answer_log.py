@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.core.credentials import hash_api_key
 from cluster.records.request_log import read_entries
-from serve.answer_log import AnswerLogSettings
+from serve.answers.log import AnswerLogSettings
 from tests.serve.fake_engine import BASE, KEY, auth, ingress_client
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from serve.rate_limit import FairUse
+from serve.access.budgets import FairUse
 
 
 class FakeClock:

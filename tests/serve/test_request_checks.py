@@ -14,7 +14,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from starlette.requests import Request
 
 from cluster.core.serve_config import LimitSettings
-from serve.request_checks import (
+from serve.contract.checks import (
     BadRequest,
     Bounds,
     check_chat,

@@ -26,8 +26,8 @@ from cluster.records.request_log import (
     utc_iso,
     writer_name,
 )
+from serve.access.keys import bearer_hash
 from serve.adapters import AdapterRoute
-from serve.api_keys import bearer_hash
 
 log = logging.getLogger(__name__)
 DONE_EVENT = "data: [DONE]"

@@ -26,9 +26,9 @@ from ray.serve.exceptions import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from serve.contract.fields import BadRequest
 from serve.engine_watch import EngineDown
 from serve.ray_internal import OpenAIHTTPException
-from serve.request_fields import BadRequest
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Stock Ray Serve LLM lets FastAPI parse bodies with vLLM's protocol models: no si
 RecursionError on deep JSON and raw TypeErrors from validators escape as 500s, and unknown fields
 are silently dropped. Here a body is read up to `limits.max_body_bytes` (413 past it), decoded
 (no NaN/Infinity, nesting at most `limits.max_json_depth`), held to the route's contract
-(serve.request_fields: allow-listed fields, bounds, prompt size, work per request), and only then
+(serve.contract.fields: allow-listed fields, bounds, prompt size, work per request), and only then
 validated into vLLM's protocol model. Every refusal is a `BadRequest` naming the parameter,
 answered in OpenAI's error shape by the ingress.
 """
@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from serve.errors import public_text
-from serve.request_fields import (
+from serve.answers.errors import public_text
+from serve.contract.fields import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
     BadRequest,
