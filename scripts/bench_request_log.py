@@ -1,7 +1,7 @@
 """What the request log costs the ingress per answer, against no log, in the same run.
 
-The ingress (serve.ingress.KeyCheckedIngress, built as serve.app builds it) answers over ASGI
-in-process from a stub engine that returns a fixed chat answer at once, so the table shows only
+The ingress (serve.ingress.KeyCheckedIngress, on the routes serve.ingress gives it) answers over
+ASGI in-process from a stub engine that returns a fixed chat answer at once, so the table shows only
 the ingress' own work per request: keys, contract, relabelling, and with the log on, the entry
 (and the prompt's features) written. Prompts of 100, 2,000 and 32,000 characters (the contract's
 largest).
@@ -27,10 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.core.credentials import hash_api_key  # noqa: E402
+from cluster.core.serve_config import LimitSettings  # noqa: E402
 from serve.answers.log import AnswerLogSettings  # noqa: E402
-from serve.app import ENDPOINTS, ingress_app  # noqa: E402
-from serve.ingress import KeyCheckedIngress  # noqa: E402
+from serve.contract.fields import Bounds  # noqa: E402
+from serve.ingress import ENDPOINTS, KeyCheckedIngress, ingress_app  # noqa: E402
 from serve.ray_internal import ModelCard  # noqa: E402
+from serve.settings import ServingSettings  # noqa: E402
 
 KEY, BASE = "sk-bench", "bench-base"
 ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "model": BASE, "choices": []}
@@ -44,9 +46,10 @@ async def stub_engine(body, call_method: str, raw_request=None):
 
 def client(log: AnswerLogSettings | None) -> httpx.AsyncClient:
     card = ModelCard(id=BASE, object="model", owned_by="bench", permission=[], metadata={})
-    ingress = KeyCheckedIngress(
-        {BASE: None}, {BASE: card}, api_key_hashes=[hash_api_key(KEY)], answer_log=log
+    settings = ServingSettings(
+        key_hashes=(hash_api_key(KEY),), contract=Bounds(LimitSettings(), 2048), answer_log=log
     )
+    ingress = KeyCheckedIngress({BASE: None}, {BASE: card}, settings=settings)
     ingress._process_llm_request = stub_engine
     app = ingress_app()
     for name, route in ENDPOINTS.items():

@@ -14,9 +14,11 @@ unknown id, instead of failing in the engine. A left-out rank is warned about on
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cluster.core.credentials import redact
 from cluster.records.lineage import Lineage
@@ -77,14 +79,32 @@ class AdapterTable:
 
 @dataclass(frozen=True)
 class AdapterSource:
-    """What the ingress needs to read the table: plain values, so it pickles to any node."""
+    """Where adapters come from and which are served: plain values, so it pickles to any node.
+    The ingress reads the table with it, engine replicas fetch versions into `cache_dir`."""
 
     tracking_uri: str
+    cache_dir: str
     base_id: str
     base_model: str | None = None  # skip versions trained on another base; None: keep all
     max_lora_rank: int | None = None  # skip versions of a higher LoRA rank; None: keep all
     models: tuple[str, ...] | None = None
     refresh_seconds: float = 10.0
+
+
+def open_registry(tracking_uri: str) -> Registry:
+    """The registry at `tracking_uri`, opened at replica start by one process of a host at a time.
+
+    Opening a fresh SQLite store creates and migrates it, and replicas starting together would
+    race on that migration (alembic fails for all but one): each opens it under a lock beside
+    the database file, so the first migrates and the others find it done. A server migrates its
+    own store."""
+    db = tracking_uri.removeprefix("sqlite:///")
+    if db == tracking_uri:
+        return Registry(tracking_uri)
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.open.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return Registry(tracking_uri)
 
 
 def _unservable_name(name: str, source: AdapterSource) -> str | None:
@@ -152,7 +172,7 @@ class AdapterWatcher:
 
     def __init__(self, source: AdapterSource):
         self.source = source
-        self.registry = Registry(source.tracking_uri)
+        self.registry = open_registry(source.tracking_uri)
         self.table = AdapterTable()
         self._stop = threading.Event()
         self.refresh()

@@ -1,7 +1,7 @@
 """The OpenAI-compatible ingress: Ray Serve LLM's own, plus API keys, the contract and fair use.
 
 Ray Serve LLM has no key check (ray-project/ray#55369); its maintainers point to a custom ingress
-class. This one keeps the stock constructor and serves only the routes it overrides (serve.app
+class. This one keeps the stock constructor and serves only the routes it overrides (ENDPOINTS
 registers no others): each checks `Authorization: Bearer` first, then the body against the
 route's contract (serve.contract.checks), then the caller's budgets (serve.access.budgets), resolves
 registry adapter ids (serve.adapters), and only then delegates to the stock handler, with the
@@ -19,20 +19,30 @@ import math
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.core.serve_config import LimitSettings
 from serve.access.budgets import FairUse
 from serve.access.keys import bearer_hash, is_authorized
-from serve.adapters import AdapterRoute, AdapterSource, AdapterTable, AdapterWatcher
+from serve.adapters import AdapterRoute, AdapterTable, AdapterWatcher
 from serve.answers.errors import checked_stream, error_for_exception, openai_error
-from serve.answers.log import AnswerLog, AnswerLogSettings, with_usage
-from serve.contract.checks import Bounds, parse_body
+from serve.answers.log import AnswerLog, with_usage
+from serve.contract.checks import parse_body
 from serve.engine_watch import EngineDown, EngineWatch, engine_is_down
-from serve.ray_internal import ModelCard, ModelList
+from serve.ray_internal import DEFAULT_ENDPOINTS, ModelCard, ModelList, fastapi_app
 from serve.relabel import relabel
+from serve.settings import ServingSettings
 
+# Only the routes KeyCheckedIngress overrides and checks, plus a readiness probe: the stock
+# ingress's other routes (/tokenize, /detokenize, /v1/embeddings, /v1/score, audio) would reach
+# the engine without a key. Every other path gets an OpenAI-shaped 404.
+SERVED = ("models", "model_data", "completions", "chat")
+ENDPOINTS = {
+    **{name: DEFAULT_ENDPOINTS[name] for name in SERVED},
+    "health": lambda app: app.get("/health"),
+}
+DOCS_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 # Never forwarded to the engine replica: the caller's credentials stay at the ingress.
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
@@ -45,27 +55,13 @@ def engine_request(request: Request) -> Request:
 
 
 class KeyCheckedIngress(OpenAiIngress):
-    def __init__(
-        self,
-        llm_deployments,
-        model_cards,
-        *,
-        lora_paths=None,
-        api_key_hashes=(),
-        max_model_len=2048,
-        limits: LimitSettings | None = None,
-        adapter_source: AdapterSource | None = None,
-        fair_use: dict | None = None,
-        answer_log: AnswerLogSettings | None = None,
-        **kwargs,
-    ):
-        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
-        self._key_hashes = list(api_key_hashes)
-        self._bounds = Bounds(limits or LimitSettings(), max_model_len)
+    def __init__(self, llm_deployments, model_cards, *, settings: ServingSettings, **kwargs):
+        super().__init__(llm_deployments, model_cards, **kwargs)
+        self._settings = settings
         (self._base_id,) = self._model_cards  # one base model per app
-        self._adapters = AdapterWatcher(adapter_source) if adapter_source else None
-        self._fair_use = FairUse(**fair_use) if fair_use else None
-        self._answers = AnswerLog(answer_log) if answer_log else None
+        self._adapters = AdapterWatcher(settings.adapters) if settings.adapters else None
+        self._fair_use = FairUse(settings.budgets) if settings.budgets else None
+        self._answers = AnswerLog(settings.answer_log) if settings.answer_log else None
         self._engine = self._engine_watch()
 
     @staticmethod
@@ -104,7 +100,7 @@ class KeyCheckedIngress(OpenAiIngress):
         return ModelCard(id=model, object="model", owned_by=owner, permission=[], metadata=metadata)
 
     def _refusal(self, request: Request) -> Response | None:
-        if is_authorized(request.headers.get("authorization"), self._key_hashes):
+        if is_authorized(request.headers.get("authorization"), self._settings.key_hashes):
             return None
         return openai_error(
             401,
@@ -115,7 +111,7 @@ class KeyCheckedIngress(OpenAiIngress):
     def _caller(self, request: Request) -> str:
         """Whose budget a request spends: its key's, or with no keys configured its address's
         (so made-up bearer strings cannot open fresh budgets)."""
-        if self._key_hashes:
+        if self._settings.key_hashes:
             return bearer_hash(request.headers.get("authorization")) or "anonymous"
         return "addr:" + (request.client.host if request.client else "unknown")
 
@@ -168,7 +164,7 @@ class KeyCheckedIngress(OpenAiIngress):
         try:
             if refusal := self._refusal(request):
                 return refusal
-            checked = await parse_body(request, model, kind, self._bounds)
+            checked = await parse_body(request, model, kind, self._settings.contract)
             if refusal := self._over_budget(request, checked.tokens):
                 return refusal
             resolved = self._resolved(checked.body)
@@ -229,7 +225,7 @@ class KeyCheckedIngress(OpenAiIngress):
             deployments = status.applications[app_name].deployments
         except Exception as exc:  # noqa: BLE001 - answered in the one error shape
             return error_for_exception(exc)
-        detailed = is_authorized(request.headers.get("authorization"), self._key_hashes)
+        detailed = is_authorized(request.headers.get("authorization"), self._settings.key_hashes)
         waiting = sorted(
             name for name, d in deployments.items() if not d.replica_states.get("RUNNING")
         )
@@ -246,3 +242,22 @@ class KeyCheckedIngress(OpenAiIngress):
         if detailed:
             body["deployments"] = sorted(deployments)
         return JSONResponse(body)
+
+
+async def _http_error(request, exc):
+    return error_for_exception(exc)
+
+
+def ingress_app():
+    """The FastAPI app of the ingress: Ray Serve LLM's (its middleware and metrics), less its
+    API docs (they would list routes without a key), with 404/405 in OpenAI's error shape."""
+    app = fastapi_app()
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", "") not in DOCS_PATHS]
+    app.openapi_url = app.docs_url = app.redoc_url = None
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    return app
+
+
+def ingress_deployment():
+    """KeyCheckedIngress with its routes registered on `ingress_app()` (see ENDPOINTS)."""
+    return make_fastapi_ingress(KeyCheckedIngress, endpoint_map=ENDPOINTS, app=ingress_app())

@@ -55,27 +55,25 @@ class Refusal:
     per_minute: float
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """Per-caller limits (auth section of the serve config); None: that budget is unlimited."""
+
+    requests_per_minute: float | None
+    request_burst: int
+    tokens_per_minute: int | None
+    max_callers: int
+
+
 class FairUse:
-    def __init__(
-        self,
-        requests_per_minute: float | None,
-        request_burst: int,
-        tokens_per_minute: int | None,
-        max_callers: int,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, budgets: Budgets, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
+        requests, tokens = budgets.requests_per_minute, budgets.tokens_per_minute
         self.requests = (
-            Buckets(requests_per_minute, request_burst, max_callers)
-            if requests_per_minute
-            else None
+            Buckets(requests, budgets.request_burst, budgets.max_callers) if requests else None
         )
         # A key may spend one minute's worth of tokens at once.
-        self.tokens = (
-            Buckets(tokens_per_minute, tokens_per_minute, max_callers)
-            if tokens_per_minute
-            else None
-        )
+        self.tokens = Buckets(tokens, tokens, budgets.max_callers) if tokens else None
 
     def admit(self, caller: str, tokens: int) -> Refusal | None:
         """None when `caller` may send this request now (and charges it), else why not."""

@@ -1,6 +1,6 @@
 """The real ingress app over ASGI, in-process, with a FAKE engine behind it.
 
-`ingress_client` builds the FastAPI app exactly as serve.app does (`ingress_app()` and its
+`ingress_client` builds the FastAPI app exactly as serve.ingress does (`ingress_app()` and its
 ENDPOINTS) and binds the routes to a real `KeyCheckedIngress`; only the hop to the engine replica
 (the stock ingress's `_process_llm_request`) is replaced by `FakeEngine`, which records what it
 was sent and answers as told. For tests of the ingress's own behaviour (keys, contract, budgets,
@@ -18,10 +18,12 @@ from fastapi.responses import JSONResponse
 
 from cluster.core.credentials import hash_api_key as hash_key
 from cluster.core.serve_config import LimitSettings
+from serve.access.budgets import Budgets
 from serve.answers.log import AnswerLogSettings
-from serve.app import ENDPOINTS, ingress_app
-from serve.ingress import KeyCheckedIngress
+from serve.contract.fields import Bounds
+from serve.ingress import ENDPOINTS, KeyCheckedIngress, ingress_app
 from serve.ray_internal import ModelCard
+from serve.settings import ServingSettings
 
 KEY = "sk-fake-engine-test"
 BASE = "fake-base"
@@ -54,19 +56,17 @@ class FakeEngine:
 def ingress_client(
     keys: tuple[str, ...] = (KEY,),
     limits: LimitSettings | None = None,
-    fair_use: dict | None = None,
+    budgets: Budgets | None = None,
     answer_log: AnswerLogSettings | None = None,
 ) -> tuple[httpx.AsyncClient, FakeEngine]:
     card = ModelCard(id=BASE, object="model", owned_by="fedforge", permission=[], metadata={})
-    ingress = KeyCheckedIngress(
-        {BASE: None},
-        {BASE: card},
-        api_key_hashes=[hash_key(k) for k in keys],
-        max_model_len=MAX_LEN,
-        limits=limits,
-        fair_use=fair_use,
+    settings = ServingSettings(
+        key_hashes=tuple(hash_key(k) for k in keys),
+        contract=Bounds(limits or LimitSettings(), MAX_LEN),
+        budgets=budgets,
         answer_log=answer_log,
     )
+    ingress = KeyCheckedIngress({BASE: None}, {BASE: card}, settings=settings)
     engine = FakeEngine()
     ingress._process_llm_request = engine
     app = ingress_app()
@@ -93,7 +93,7 @@ def assert_openai_error(response: httpx.Response, sent: str = "") -> dict:
 
 def served_routes() -> list[tuple[str, str]]:
     """(method, path) of every route the ingress app serves, read from the route table of an
-    app built as serve.app builds it (the served one lives in the ingress replica)."""
+    app built as serve.ingress builds it (the served one lives in the ingress replica)."""
     app = ingress_app()
     for route in ENDPOINTS.values():
         route(app)(lambda: None)

@@ -20,7 +20,6 @@ from cluster.core.serve_config import ServeConfig
 from cluster.records.lineage import Lineage
 from cluster.records.privacy_record import DataPrivacy
 from cluster.records.registry import Registry
-from serve.adapter_loader import RegistryAdapterLoader
 from serve.adapters import (
     AdapterRoute,
     AdapterSource,
@@ -29,6 +28,7 @@ from serve.adapters import (
     parse_engine_id,
     read_table,
 )
+from serve.engine import RegistryAdapterLoader
 from serve.relabel import MODEL_HEADER, relabel
 from tests.serve.conftest import register
 
@@ -36,7 +36,8 @@ BASE = "fedforge-tiny"
 
 
 def source(registry: Registry, **kw) -> AdapterSource:
-    return AdapterSource(tracking_uri=registry.tracking_uri, base_id=BASE, **kw)
+    # The table never reads cache_dir: engine replicas download into it.
+    return AdapterSource(tracking_uri=registry.tracking_uri, cache_dir="", base_id=BASE, **kw)
 
 
 def test_production_alias_and_versions_become_model_ids(registry, stub_adapter):
@@ -166,10 +167,12 @@ def test_ray_builds_the_loader_with_its_retry_settings(empty_state):
     from cluster.core.config import ModelSettings
     from serve.app import llm_config
     from serve.engine import registry_loader
+    from serve.settings import serving_settings
 
     cfg = ServeConfig(model=ModelSettings(base="HuggingFaceTB/SmolLM2-135M-Instruct"))
     config = llm_config(cfg, empty_state)
-    loader, built = registry_loader(config), []
+    settings = serving_settings(cfg, empty_state, environ={"FEDFORGE_API_KEYS": "sk-test"})
+    loader, built = registry_loader(settings.adapters), []
 
     def recording(**kwargs):
         built.append(loader(**kwargs))

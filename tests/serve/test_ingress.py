@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
+from serve.access.budgets import Budgets
 from serve.engine_watch import EngineDown
 from serve.ray_internal import OpenAIHTTPException
 from tests.serve.fake_engine import (
@@ -158,17 +159,17 @@ def test_a_stream_that_fails_ends_with_an_error_event_without_internals():
             assert marker not in text
 
 
-def budgets(**given) -> dict:
+def budgets(**given) -> Budgets:
     """The ingress' fair-use settings: nothing limited but what a test gives."""
     defaults = {"requests_per_minute": None, "request_burst": 1, "tokens_per_minute": None}
-    return {**defaults, "max_callers": 100, **given}
+    return Budgets(**{**defaults, "max_callers": 100, **given})
 
 
 def test_requests_and_tokens_get_429_with_retry_after():
-    fair_use = budgets(requests_per_minute=60, request_burst=2)
+    limits = budgets(requests_per_minute=60, request_burst=2)
 
     async def go():
-        client, _ = ingress_client(fair_use=fair_use)
+        client, _ = ingress_client(budgets=limits)
         async with client:
             return [
                 await client.post("/v1/chat/completions", json=CHAT, headers=auth())
@@ -183,10 +184,10 @@ def test_requests_and_tokens_get_429_with_retry_after():
 
 
 def test_token_budget_counts_max_tokens_times_n():
-    fair_use = budgets(tokens_per_minute=100)
+    limits = budgets(tokens_per_minute=100)
 
     async def go():
-        client, _ = ingress_client(fair_use=fair_use)
+        client, _ = ingress_client(budgets=limits)
         async with client:
             big = {**CHAT, "max_tokens": 30, "n": 2}  # 60 + 1 prompt token
             first = await client.post("/v1/chat/completions", json=big, headers=auth())
@@ -204,10 +205,10 @@ def test_token_budget_counts_max_tokens_times_n():
 
 
 def test_without_keys_budgets_are_per_client_address_not_per_bearer_string():
-    fair_use = budgets(requests_per_minute=60, request_burst=2)
+    limits = budgets(requests_per_minute=60, request_burst=2)
 
     async def go():
-        client, _ = ingress_client(keys=(), fair_use=fair_use)
+        client, _ = ingress_client(keys=(), budgets=limits)
         async with client:
             return [
                 (

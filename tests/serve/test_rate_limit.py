@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from serve.access.budgets import FairUse
+from serve.access.budgets import Budgets, FairUse
 
 
 class FakeClock:
@@ -18,7 +18,7 @@ class FakeClock:
 
 
 def fair_use(clock, requests=None, burst=10, tokens=None, callers=100) -> FairUse:
-    return FairUse(requests, burst, tokens, callers, clock=clock)
+    return FairUse(Budgets(requests, burst, tokens, callers), clock=clock)
 
 
 def test_a_key_gets_its_burst_then_waits_for_the_rate():

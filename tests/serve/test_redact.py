@@ -34,7 +34,7 @@ def test_a_failed_registry_read_is_logged_without_the_uris_password(monkeypatch,
     monkeypatch.setattr(serve.adapters, "read_table", unreachable)
     monkeypatch.setattr(serve.adapters, "Registry", lambda tracking_uri: None)
     caplog.set_level(logging.ERROR, logger="serve.adapters")
-    watcher = AdapterWatcher(AdapterSource(tracking_uri=uri, base_id="b", refresh_seconds=3600))
+    watcher = AdapterWatcher(AdapterSource(uri, cache_dir="", base_id="b", refresh_seconds=3600))
     watcher.stop()
     text = caplog.text
     assert "reading adapters from the registry failed" in text
