@@ -14,7 +14,6 @@ is answered in OpenAI's error shape (serve.answers.errors), never with internal 
 from __future__ import annotations
 
 import asyncio
-import math
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,8 +22,8 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.access.budgets import FairUse
-from serve.access.keys import bearer_hash, is_authorized
+from serve.access.budgets import FairUse, over_budget
+from serve.access.keys import identify, unauthorized
 from serve.adapters import AdapterRoute, AdapterTable, AdapterWatcher
 from serve.answers.errors import checked_stream, error_for_exception, openai_error
 from serve.answers.log import AnswerLog, with_usage
@@ -99,47 +98,6 @@ class KeyCheckedIngress(OpenAiIngress):
         owner = self._model_cards[self._base_id].owned_by
         return ModelCard(id=model, object="model", owned_by=owner, permission=[], metadata=metadata)
 
-    def _refusal(self, request: Request) -> Response | None:
-        if is_authorized(request.headers.get("authorization"), self._settings.key_hashes):
-            return None
-        return openai_error(
-            401,
-            "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-            code="invalid_api_key",
-        )
-
-    def _caller(self, request: Request) -> str:
-        """Whose budget a request spends: its key's, or with no keys configured its address's
-        (so made-up bearer strings cannot open fresh budgets)."""
-        if self._settings.key_hashes:
-            return bearer_hash(request.headers.get("authorization")) or "anonymous"
-        return "addr:" + (request.client.host if request.client else "unknown")
-
-    def _over_budget(self, request: Request, tokens: int) -> Response | None:
-        if self._fair_use is None:
-            return None
-        refusal = self._fair_use.admit(self._caller(request), tokens)
-        if refusal is None:
-            return None
-        unit = "requests" if refusal.limit == "requests" else "tokens"
-        if math.isinf(refusal.wait_s):
-            return openai_error(
-                400,
-                f"This request may use about {tokens} tokens, more than the "
-                f"{refusal.per_minute:g} tokens per minute allowed; lower max_tokens or n.",
-                param="max_tokens",
-                code="request_over_budget",
-            )
-        retry_after = math.ceil(refusal.wait_s)
-        return openai_error(
-            429,
-            f"Rate limit reached ({refusal.per_minute:g} {unit} per minute); "
-            f"retry after {retry_after} s.",
-            type_=unit,
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(retry_after)},
-        )
-
     def _resolved(self, body) -> tuple[object, str, AdapterRoute | None] | Response:
         """(body with the engine's model id, id that answers, its adapter route), or a 404 for
         an unknown id."""
@@ -162,16 +120,23 @@ class KeyCheckedIngress(OpenAiIngress):
 
     async def _generate(self, handler, request: Request, model, kind: str) -> Response:
         try:
-            if refusal := self._refusal(request):
-                return refusal
+            caller = identify(request, self._settings.key_hashes)
+            if not caller.authorized:
+                return unauthorized()
             checked = await parse_body(request, model, kind, self._settings.contract)
-            if refusal := self._over_budget(request, checked.tokens):
-                return refusal
+            if self._fair_use and (
+                refusal := self._fair_use.admit(caller.budget_id, checked.tokens)
+            ):
+                return over_budget(refusal, checked.tokens)
             resolved = self._resolved(checked.body)
             if isinstance(resolved, Response):
                 return resolved
             body, answering_id, route = resolved
-            answer = self._answers.begin(request, checked.body, kind) if self._answers else None
+            answer = (
+                self._answers.begin(request, checked.body, kind, caller.key_hash)
+                if self._answers
+                else None
+            )
             if answer and body.stream:
                 body = with_usage(body)
             if self._engine is None:
@@ -195,14 +160,14 @@ class KeyCheckedIngress(OpenAiIngress):
         return await self._generate(super().completions, request, CompletionRequest, "completion")
 
     async def models(self, request: Request):
-        if refusal := self._refusal(request):
-            return refusal
+        if not identify(request, self._settings.key_hashes).authorized:
+            return unauthorized()
         table = self._table()
         return ModelList(data=[self._card(m, table) for m in [*self._model_cards, *table.ids()]])
 
     async def model_data(self, model: str, request: Request):
-        if refusal := self._refusal(request):
-            return refusal
+        if not identify(request, self._settings.key_hashes).authorized:
+            return unauthorized()
         card = self._card(model, self._table())
         if card is None:
             return openai_error(
@@ -225,7 +190,7 @@ class KeyCheckedIngress(OpenAiIngress):
             deployments = status.applications[app_name].deployments
         except Exception as exc:  # noqa: BLE001 - answered in the one error shape
             return error_for_exception(exc)
-        detailed = is_authorized(request.headers.get("authorization"), self._settings.key_hashes)
+        detailed = identify(request, self._settings.key_hashes).authorized
         waiting = sorted(
             name for name, d in deployments.items() if not d.replica_states.get("RUNNING")
         )

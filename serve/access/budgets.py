@@ -17,6 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse
+
+from serve.answers.errors import openai_error
+
 
 class Buckets:
     """One token bucket per caller: `capacity` at most, refilled at `per_minute`."""
@@ -90,3 +94,26 @@ class FairUse:
         for bucket, cost, _ in charges:
             bucket.take(caller, cost, now)
         return None
+
+
+def over_budget(refusal: Refusal, tokens: int) -> JSONResponse:
+    """The refusal in OpenAI's shape: 429 with Retry-After, or 400 for a request of `tokens`
+    that no wait would admit."""
+    if math.isinf(refusal.wait_s):
+        return openai_error(
+            400,
+            f"This request may use about {tokens} tokens, more than the "
+            f"{refusal.per_minute:g} tokens per minute allowed; lower max_tokens or n.",
+            param="max_tokens",
+            code="request_over_budget",
+        )
+    unit = "requests" if refusal.limit == "requests" else "tokens"
+    retry_after = math.ceil(refusal.wait_s)
+    return openai_error(
+        429,
+        f"Rate limit reached ({refusal.per_minute:g} {unit} per minute); "
+        f"retry after {retry_after} s.",
+        type_=unit,
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(retry_after)},
+    )

@@ -26,7 +26,6 @@ from cluster.records.request_log import (
     utc_iso,
     writer_name,
 )
-from serve.access.keys import bearer_hash
 from serve.adapters import AdapterRoute
 
 log = logging.getLogger(__name__)
@@ -91,15 +90,16 @@ class AnswerLog:
                 )
             self.failed_writes += 1
 
-    def begin(self, request: Request, body, route_kind: str) -> Pending:
-        """Called once the body passed the contract; `body` as the caller sent it."""
+    def begin(self, request: Request, body, route_kind: str, key_hash: str | None) -> Pending:
+        """Called once the body passed the contract; `body` as the caller sent it, `key_hash`
+        the hash of its bearer key (serve.access.keys.Caller)."""
         wanted = self.settings.prompt_features or self.settings.prompt_text
         text = asked_text(body) if wanted else None
         return Pending(
             answer_log=self,
             started=time.time(),
             request_id=request.headers.get("x-request-id", ""),
-            key_id=key_id(bearer_hash(request.headers.get("authorization"))),
+            key_id=key_id(key_hash),
             route=route_kind,
             model=body.model or "",
             stream=bool(getattr(body, "stream", False)),

@@ -2,7 +2,11 @@ import pytest
 
 from cluster.core.credentials import hash_api_key as hash_key
 from cluster.core.serve_config import AuthSettings
-from serve.access.keys import ApiKeyError, is_authorized, load_key_hashes
+from serve.access.keys import ApiKeyError, bearer_hash, is_known, load_key_hashes
+
+
+def is_authorized(authorization: str | None, key_hashes) -> bool:
+    return is_known(bearer_hash(authorization), tuple(key_hashes))
 
 
 def test_keys_from_env_and_file_are_kept_as_hashes(tmp_path):

@@ -11,7 +11,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
+from cluster.core.credentials import hash_api_key as hash_key
+from serve.access import keys
 from serve.access.budgets import Budgets
+from serve.answers.log import AnswerLogSettings
 from serve.engine_watch import EngineDown
 from serve.ray_internal import OpenAIHTTPException
 from tests.serve.fake_engine import (
@@ -261,3 +264,18 @@ def test_an_engine_refusal_as_the_first_stream_event_becomes_a_plain_error(event
     response = run(go())
     assert response.status_code == status
     assert message in assert_openai_error(response)["message"]
+
+
+def test_the_key_is_hashed_once_per_request(tmp_path, monkeypatch):
+    """The key check, the caller's budgets and the answer log all read one hash."""
+    hashed = []
+    monkeypatch.setattr(keys, "hash_api_key", lambda key: hashed.append(key) or hash_key(key))
+    log = AnswerLogSettings(str(tmp_path), 1, prompt_features=False, prompt_text=False)
+
+    async def go():
+        client, _ = ingress_client(budgets=budgets(requests_per_minute=60), answer_log=log)
+        async with client:
+            return await client.post("/v1/chat/completions", json=CHAT, headers=auth())
+
+    assert run(go()).status_code == 200
+    assert len(hashed) == 1
