@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.core.example_ids import ExampleKey
 from cluster.core.jobs import FINETUNE
 from cluster.records.lineage import CONFIG_FILE
 from cluster.records.registry import CANDIDATE, Registry
-from llm.data import dataset_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,8 @@ def test_two_worker_run_lowers_the_loss_and_registers_lineage(tmp_path, state):
     (version,) = registry.versions("fedforge-tiny")
     assert registry.aliases("fedforge-tiny") == {CANDIDATE: version.version}
     lineage = version.lineage
-    assert lineage.dataset_sha256 == dataset_sha256(REPO / "llm/demo_task/tickets.jsonl")
+    data = REPO / "llm/demo_task/tickets.jsonl"
+    assert lineage.dataset_digest == ExampleKey.of(state).file_digest(data)  # keyed, not plain
     assert lineage.base_model == "tiny" and lineage.kind == "finetune"
     assert lineage.lora_rank == yaml.safe_load(config.read_text())["lora"]["r"]
     config_text = registry.read_text(version, CONFIG_FILE)  # registered beside the adapter
