@@ -55,10 +55,12 @@ def state(empty_state: StateDir, provisioned: StateDir) -> StateDir:
 
 @pytest.fixture
 def registry(empty_state: StateDir):
-    """The empty state dir's registry (SQLite store, local artifacts)."""
+    """The empty state dir's registry, as every job and command opens it (SQLite store, local
+    artifacts, audit log signed and anchored under the state dir)."""
+    from cluster.core.config import RegistrySettings
     from cluster.records.registry import Registry
 
-    return Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
+    return Registry.from_settings(RegistrySettings(), empty_state)
 
 
 @pytest.fixture

@@ -116,6 +116,17 @@ class RegistrySettings(Section):
         description="MLflow tracking URI (e.g. http://mlflow:5000). Default: SQLite and local "
         "artifacts under the state directory.",
     )
+    audit_key: str | None = Field(
+        None,
+        description="Ed25519 private key (PEM) that signs audit-log entries; keep it where the "
+        "registry's writers cannot read it. Default: <state>/secrets/audit-signing.key, made on "
+        "first use.",
+    )
+    audit_anchor: str | None = Field(
+        None,
+        description="Append-only file that receives every audit-log head, outside the MLflow "
+        "store (another volume). Default: <state>/audit-anchor.log.",
+    )
 
 
 class CardSettings(Section):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.core.digest import tree_sha256
+from cluster.core.secrets import secret_file
 from cluster.core.state import StateDir
 
 KEY_FILE = Path("secrets") / "example-ids.key"
@@ -34,22 +34,7 @@ class ExampleKey:
     @classmethod
     def of(cls, state: StateDir) -> ExampleKey:
         """The state dir's key, made on first use (atomically: concurrent jobs get one key)."""
-        path = state.root / KEY_FILE
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            staging = path.with_name(f".{path.name}.{os.getpid()}")
-            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(staging, path)  # fails if another job made it first: theirs wins
-            except FileExistsError:
-                pass
-            finally:
-                staging.unlink()
-        return cls(path.read_bytes())
+        return cls(secret_file(state.root / KEY_FILE, lambda: secrets.token_bytes(32)))
 
     @property
     def key_id(self) -> str:

@@ -23,9 +23,10 @@ registered model (`fedforge.audit_head`), so a log cut short at its end is notic
   which `verify` accepts (the head says "at least this far").
 
 What the chain shows, and what it cannot: an entry edited, deleted or moved breaks the chain at
-that entry, and `verify` names the first bad one. Someone with write access to the store's
-database can still rewrite every later entry and the head consistently; record `verify`'s head
-hash somewhere else (a ticket, a signed mail) and check it later with `verify --head`.
+that entry, and `verify` names the first bad one. Someone with write access to the store can
+still rewrite every later entry and the head consistently: so entries are also signed and their
+heads anchored outside the store (cluster/records/audit_trust.py), and a deleted audit run that
+held entries is reported.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, ErrorCode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster.records.audit_trust import AuditTrust
 from cluster.records.lineage import AUDIT_HEAD_TAG, AUDIT_MODEL_TAG
 
 log = logging.getLogger(__name__)
@@ -99,11 +102,23 @@ class AuditEntry(BaseModel):
     reason: str = ""
     details: dict[str, str] = Field(default_factory=dict)
     prev_sha256: str = Field(description="sha256 of the entry before (zeros for the first).")
+    signature: str = Field(
+        "", description="Ed25519 over `signed_text` (cluster.records.audit_trust); '' unsigned."
+    )
+
+    @property
+    def signed_text(self) -> str:
+        """What the signature covers: the canonical form without the signature."""
+        return json.dumps(
+            self.model_dump(exclude={"signature"}), sort_keys=True, separators=(",", ":")
+        )
 
     @property
     def text(self) -> str:
-        """The canonical form: what is stored and hashed."""
-        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        """The canonical form: what is stored and hashed (an unsigned entry has no signature
+        key, as entries were written before signing)."""
+        fields = self.model_dump(exclude=set() if self.signature else {"signature"})
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @property
     def sha256(self) -> str:
@@ -151,11 +166,21 @@ class LogCheck:
         return not self.problems
 
 
-def check_chain(slots: dict[str, str], head: str | None, anchor: str | None = None) -> LogCheck:
+def check_chain(
+    slots: dict[str, str],
+    head: str | None,
+    anchor: str | None = None,
+    trust: AuditTrust | None = None,
+    anchored: tuple[int, str] | None = None,
+) -> LogCheck:
     """Verify a log's slots (key -> stored text) against its head tag ("<seq> <sha256>") and,
-    if given, a head hash recorded earlier (`anchor`). Pure: tests tamper with its input."""
+    if given, a head hash recorded earlier (`anchor`); with `trust`, every entry's signature and
+    the last head the deployment's anchor recorded for the model (`anchored`: the log must end
+    exactly there). A log begun before signing keeps an unsigned prefix: the first signed entry
+    covers it through its chain link. Pure: tests tamper with its input."""
     problems: list[str] = []
     previous, hashes = GENESIS, []
+    signing = False  # entries before the first signed one were written before signing began
     numbered = sorted((int(key), key, text) for key, text in slots.items() if key.isdigit())
     odd = sorted(key for key in slots if not key.isdigit())
     if odd:
@@ -180,6 +205,13 @@ def check_chain(slots: dict[str, str], head: str | None, anchor: str | None = No
             break
         if entry.text != text:
             problems.append(f"entry #{seq} was edited: it is not in the form fedforge wrote")
+            break
+        signing = signing or bool(entry.signature)
+        if trust and signing and not trust.verifies(entry.signed_text, entry.signature):
+            problems.append(
+                f"entry #{seq} ({entry.action} v{entry.version}) is not signed by this "
+                "deployment's audit key: it was written or rewritten outside fedforge"
+            )
             break
         if entry.prev_sha256 != previous:
             named = f"entry #{seq - 1}" if seq else "the log's start"
@@ -206,6 +238,8 @@ def check_chain(slots: dict[str, str], head: str | None, anchor: str | None = No
                 f"entry #{head_seq} was edited: its sha256 is not the one the log head recorded "
                 f"({head_sha[:16]}...)"
             )
+    if not problems and trust is not None and (signing or anchored):
+        problems += _anchor_problems(hashes, anchored)
     if not problems and anchor and anchor not in hashes:
         problems.append(
             f"no entry has the recorded head sha256 {anchor[:16]}...: the log was rewritten"
@@ -213,13 +247,37 @@ def check_chain(slots: dict[str, str], head: str | None, anchor: str | None = No
     return LogCheck(len(numbered), hashes[-1] if hashes else None, problems)
 
 
-class AuditLog:
-    """The audit log of one registered model in an MLflow store (see the module docstring)."""
+def _anchor_problems(hashes: list[str], anchored: tuple[int, str] | None) -> list[str]:
+    """The last head the anchor outside the store recorded must be in the log, as it was. The
+    log may go past it only with signed entries (a writer killed before anchoring), which were
+    checked before."""
+    if anchored is None:
+        return ["the anchor holds no head for this model: signed entries it never saw"]
+    seq, sha = anchored
+    if seq >= len(hashes):
+        return [f"the log ends at #{len(hashes) - 1} but the anchor recorded #{seq}: entries "
+                "were removed"]  # fmt: skip
+    if hashes[seq] != sha:
+        return [f"entry #{seq} is not the one the anchor recorded ({sha[:16]}...): the log was "
+                "rewritten"]  # fmt: skip
+    return []
 
-    def __init__(self, client: MlflowClient, model: str, artifact_location: str | None = None):
+
+class AuditLog:
+    """The audit log of one registered model in an MLflow store (see the module docstring);
+    signed and anchored outside the store when given the deployment's `trust`."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        model: str,
+        artifact_location: str | None = None,
+        trust: AuditTrust | None = None,
+    ):
         self.client = client
         self.model = model
         self.artifact_location = artifact_location
+        self.trust = trust
 
     # -- where it lives -------------------------------------------------------------------------
 
@@ -236,11 +294,14 @@ class AuditLog:
                 raise
         return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
 
-    def _runs(self, experiment_id: str) -> list[str]:
+    def _runs(self, experiment_id: str, view: int = ViewType.ACTIVE_ONLY) -> list[str]:
         """The model's log runs, the one in use first (earliest created; run id breaks ties)."""
         name = self.model.replace("\\", "\\\\").replace("'", "\\'")
         runs = self.client.search_runs(
-            [experiment_id], filter_string=f"tags.`{AUDIT_MODEL_TAG}` = '{name}'", max_results=50
+            [experiment_id],
+            filter_string=f"tags.`{AUDIT_MODEL_TAG}` = '{name}'",
+            run_view_type=view,
+            max_results=50,
         )
         ordered = sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
         return [r.info.run_id for r in ordered]
@@ -287,13 +348,21 @@ class AuditLog:
         return entries
 
     def check(self, anchor: str | None = None) -> LogCheck:
-        check = check_chain(self.slots(), self.head(), anchor)
+        anchored = self.trust.anchor.latest(self.model) if self.trust else None
+        check = check_chain(self.slots(), self.head(), anchor, self.trust, anchored)
         experiment_id = self._experiment_id(create=False)
         runs = self._runs(experiment_id) if experiment_id else []
+        problems = list(check.problems)
         if len(runs) > 1:  # only if first writes on two hosts raced (see run_id)
-            split = f"the log is split over {len(runs)} runs ({', '.join(runs)}); {runs[0]} is used"
-            return LogCheck(check.entries, check.head_sha256, [*check.problems, split])
-        return check
+            problems.append(
+                f"the log is split over {len(runs)} runs ({', '.join(runs)}); {runs[0]} is used"
+            )
+        deleted = self._runs(experiment_id, ViewType.DELETED_ONLY) if experiment_id else []
+        # A run that lost a first-write race is deleted empty (run_id); one holding entries was
+        # deleted by someone else, to replace the log.
+        if emptied := [r for r in deleted if self.client.get_run(r).data.params]:
+            problems.append(f"an audit run of this model was deleted ({', '.join(emptied)})")
+        return LogCheck(check.entries, check.head_sha256, problems)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -329,6 +398,8 @@ class AuditLog:
                 details=details or {},
                 prev_sha256=sha256(numbered[seq - 1]) if seq else GENESIS,
             )
+            if self.trust is not None:
+                entry = entry.model_copy(update={"signature": self.trust.sign(entry.signed_text)})
             try:
                 self.client.log_param(run_id, _key(seq), entry.text)
             except MlflowException as exc:
@@ -337,6 +408,8 @@ class AuditLog:
                 ):
                     continue  # another writer took this slot: chain after it
                 raise
+            if self.trust is not None:  # a crash before this leaves a signed entry unanchored
+                self.trust.anchor.record(self.model, seq, entry.sha256)
             try:
                 self.client.set_registered_model_tag(
                     self.model, AUDIT_HEAD_TAG, f"{seq} {entry.sha256}"

@@ -33,6 +33,7 @@ from cluster.core.digest import tree_sha256
 from cluster.core.errors import UserError
 from cluster.core.state import StateDir
 from cluster.records.audit_log import AuditEntry, AuditLog, LogCheck, sha256, utc_now
+from cluster.records.audit_trust import AuditTrust
 from cluster.records.lineage import (
     ADAPTER_DIGEST_TAG,
     ARTIFACT_PATH_TAG,
@@ -106,18 +107,27 @@ def tracking_uri(settings: RegistrySettings, state: StateDir) -> str:
 
 
 class Registry:
-    def __init__(self, tracking_uri: str, artifact_root: Path | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        artifact_root: Path | None = None,
+        trust: AuditTrust | None = None,
+    ):
+        """`trust` signs and anchors the audit logs outside the store (every job and command
+        has it, through `from_settings`); without it the logs are hash-chained only."""
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
+        self.trust = trust
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     @classmethod
     def from_settings(cls, settings: RegistrySettings, state: StateDir) -> Registry:
         """The registry a job's `registry` section names (artifacts in the state dir when the
-        store is the default local one)."""
+        store is the default local one), with the deployment's audit trust."""
+        trust = AuditTrust.from_settings(settings, state)
         if settings.tracking_uri:
-            return cls(settings.tracking_uri)
-        return cls(tracking_uri(settings, state), state.mlflow_artifacts)
+            return cls(settings.tracking_uri, trust=trust)
+        return cls(tracking_uri(settings, state), state.mlflow_artifacts, trust)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -379,7 +389,7 @@ class Registry:
 
     def _audit(self, name: str) -> AuditLog:
         location = (self.artifact_root / "audit").as_uri() if self.artifact_root else None
-        return AuditLog(self.client, name, location)
+        return AuditLog(self.client, name, location, self.trust)
 
     def _log_quietly(self, name: str, action: str, version: str, reason: str) -> None:
         try:

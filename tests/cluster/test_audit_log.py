@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.commands.cli import app
+from cluster.core.config import RegistrySettings
 from cluster.records.audit_log import AuditEntry, AuditLog, check_chain, sha256
 from cluster.records.lineage import Lineage
 from cluster.records.registry import PRODUCTION, Registry, RegistryError
@@ -110,8 +111,8 @@ def _edited(text: str, **changes) -> str:
 @pytest.mark.parametrize(
     ("tamper", "named"),
     [
-        ("edit", "entry #2 was edited or replaced: entry #3 (promote v2"),
-        ("edit last", "entry #5 was edited: its sha256 is not the one the log head recorded"),
+        ("edit", "entry #2 (promote v1) is not signed by this deployment's audit key"),
+        ("edit last", "entry #5 (promote v2) is not signed by this deployment's audit key"),
         ("delete", "entry #2 is missing: the log jumps from #1 to #3"),
         ("delete last", "entry #5 is missing: the log head records #5, the log ends at #4"),
         ("reorder", "entry #2 holds entry #3 (promote v2): the log was reordered"),
@@ -163,9 +164,16 @@ def test_a_rewritten_log_is_caught_by_a_head_recorded_before(registry, empty_sta
         _tamper(db, "UPDATE params SET value = ? WHERE key = ?", text, key)
         slots[key], previous = text, sha256(text)
     registry.client.set_registered_model_tag("m", "fedforge.audit_head", f"2 {previous}")
-    assert registry.verify("m").ok  # consistent on its own...
-    rewritten = cli(empty_state, "registry", "verify", "m", "--head", anchor)
-    assert rewritten.exit_code == 1 and "the log was rewritten" in rewritten.output
+    chain_only = AuditLog(registry.client, "m")
+    assert chain_only.check().ok  # the chain alone is consistent...
+    assert "the log was rewritten" in chain_only.check(anchor).problems[0]  # ...not to a head
+    # And without a head recorded anywhere: the writer never held the deployment's key.
+    for head in ([], ["--head", anchor]):
+        rewritten = cli(empty_state, "registry", "verify", "m", *head)
+        assert rewritten.exit_code == 1
+        assert "entry #0 (register v1) is not signed by this deployment's audit key" in (
+            rewritten.output
+        )
 
 
 def test_an_alias_moved_outside_fedforge_fails_verification(registry, empty_state, stub_adapter):
@@ -186,7 +194,7 @@ def test_concurrent_promotes_keep_the_chain_valid(registry, empty_state, stub_ad
     versions = register(registry, stub_adapter, n=4)
 
     def promote(version: str) -> None:  # a registry per thread, as separate jobs have
-        Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts).promote(
+        Registry.from_settings(RegistrySettings(), empty_state).promote(
             "m", version, reason=f"thread {version}"
         )
 
@@ -213,7 +221,7 @@ def test_concurrent_appends_without_a_lock_chain_through_write_once_slots(
 
     def append(i: int) -> None:
         try:
-            mine = Registry(empty_state.default_tracking_uri(), empty_state.mlflow_artifacts)
+            mine = Registry.from_settings(RegistrySettings(), empty_state)
             for j in range(3):
                 mine._audit("m").append("promote", "1", reason=f"writer {i}.{j}")
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -239,6 +247,8 @@ KILL = """
 import os, signal
 from pathlib import Path
 from mlflow import MlflowClient
+from cluster.core.config import RegistrySettings
+from cluster.core.state import StateDir
 from cluster.records.registry import Registry
 
 def die(*args, **kwargs):
@@ -247,8 +257,9 @@ def die(*args, **kwargs):
 
 
 def test_a_process_killed_inside_the_append_transaction_leaves_a_verifiable_log(
-    registry, stub_adapter
+    registry, empty_state, stub_adapter
 ):
+    state = empty_state
     register(registry, stub_adapter, n=2)
     registry.promote("m", "1")
     # Killed after the entry's row is written to the database, before it is committed.
@@ -270,7 +281,8 @@ def test_a_process_killed_inside_the_append_transaction_leaves_a_verifiable_log(
             return original_commit(self, *args, **kwargs)
 
         MlflowClient.log_param, sqlalchemy.orm.Session.commit = log_param, commit
-        registry = Registry({registry.tracking_uri!r}, Path({str(registry.artifact_root)!r}))
+        state = StateDir.resolve({str(state.root)!r})
+        registry = Registry.from_settings(RegistrySettings(), state)
         registry.promote("m", "2", reason="killed")
         """
     )
@@ -291,12 +303,13 @@ def test_a_promote_killed_after_its_entry_is_reported_and_repaired_by_promoting_
     script = KILL + textwrap.dedent(
         f"""
         MlflowClient.set_registered_model_tag = die
-        registry = Registry({registry.tracking_uri!r}, Path({str(registry.artifact_root)!r}))
+        state = StateDir.resolve({str(empty_state.root)!r})
+        registry = Registry.from_settings(RegistrySettings(), state)
         registry.promote("m", "2", reason="killed")
         """
     )
     _run_killed(script)
-    assert AuditLog(registry.client, "m").check().ok  # the chain is whole; its head lags
+    assert AuditLog(registry.client, "m", trust=registry.trust).check().ok  # whole; head lags
     result = cli(empty_state, "registry", "verify", "m")
     assert result.exit_code == 1
     assert "production points at v1, but the log's last production move is to v2" in (result.output)
@@ -421,3 +434,66 @@ def test_the_log_works_on_an_mlflow_server_with_writers_in_separate_processes(
     assert verified.exit_code == 0 and "intact: 18 entries" in verified.output
     shown = runner.invoke(app, ["registry", "show", "m", "1", "--card", *uri])
     assert shown.exit_code == 0 and "matches the logged sha256" in shown.stdout
+
+
+def _replace_the_log(registry, entries: list[str]) -> None:
+    """What someone with registry write access can do through MLflow's API alone: soft-delete
+    the model's audit run, make a new one tagged for the model, log `entries` into it and point
+    the head tag at the last one."""
+    from cluster.records.audit_log import EXPERIMENT
+    from cluster.records.lineage import AUDIT_HEAD_TAG, AUDIT_MODEL_TAG
+
+    client = registry.client
+    old = AuditLog(client, "m").run_id()
+    client.delete_run(old)
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    new = client.create_run(experiment, tags={AUDIT_MODEL_TAG: "m"}).info.run_id
+    for seq, text in enumerate(entries):
+        client.log_param(new, f"{seq:08d}", text)
+    client.set_registered_model_tag(
+        "m", AUDIT_HEAD_TAG, f"{len(entries) - 1} {sha256(entries[-1])}"
+    )
+
+
+def test_a_log_rewritten_through_the_mlflow_api_is_detected(registry, stub_adapter):
+    """Issue 21's attack: every entry re-logged with an edited reason and recomputed links in a
+    new run, the old run soft-deleted, the head reset. The chain alone is consistent; the
+    anchor outside the store and the deleted run give it away."""
+    register(registry, stub_adapter, n=2)
+    registry.promote("m", "2", reason="reviewed by the board")
+    forged, previous = [], "0" * 64
+    for entry in registry.history("m"):
+        fields = {"reason": "routine", "prev_sha256": previous, "signature": ""}
+        text = entry.model_copy(update=fields).text  # unsigned: the writer has no key
+        forged.append(text)
+        previous = sha256(text)
+    _replace_the_log(registry, forged)
+    chain_only = AuditLog(registry.client, "m").check().problems  # without the key or anchor
+    assert len(chain_only) == 1 and "an audit run of this model was deleted" in chain_only[0]
+    problems = registry.verify("m").problems
+    # Unsigned, as a log begun before signing would be: the anchor outside the store holds the
+    # real head. (Signed entries edited in place fail their signatures: the test above.)
+    assert "entry #2 is not the one the anchor recorded" in problems[0]
+    assert "an audit run of this model was deleted" in problems[1]
+
+
+def test_a_log_cut_back_to_its_signed_prefix_is_detected(registry, stub_adapter):
+    """Replaying the real, signed entries but the last ones (to hide a promote) passes every
+    signature; the anchor outside the store still holds the later head."""
+    register(registry, stub_adapter, n=2)
+    registry.promote("m", "2", reason="the act to hide")
+    kept = [entry.text for entry in registry.history("m")][:-1]
+    _replace_the_log(registry, kept)
+    problems = registry.verify("m").problems
+    assert any("the log ends at #1 but the anchor recorded #2" in p for p in problems), problems
+
+
+def test_an_untouched_signed_log_verifies_and_names_its_head(registry, empty_state, stub_adapter):
+    register(registry, stub_adapter, n=2)
+    registry.promote("m", "1")
+    registry.set_privacy_budget("m", 3.0, reason="set")
+    result = cli(empty_state, "registry", "verify", "m")
+    assert result.exit_code == 0 and "intact: 4 entries" in result.output
+    assert all(entry.signature for entry in registry.history("m"))
+    anchor = (empty_state.root / "audit-anchor.log").read_text().splitlines()
+    assert len(anchor) == 4 and anchor[-1].startswith("m 3 ")
