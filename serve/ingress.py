@@ -1,14 +1,16 @@
 """The OpenAI-compatible ingress: Ray Serve LLM's own, plus API keys, the contract and fair use.
 
 Ray Serve LLM has no key check (ray-project/ray#55369); its maintainers point to a custom ingress
-class. This one keeps the stock constructor and serves only the routes it overrides (ENDPOINTS
-registers no others): each checks `Authorization: Bearer` first, then the body against the
-route's contract (serve.contract.checks), then the caller's budgets (serve.access.budgets), resolves
-registry adapter ids (serve.adapters), and only then delegates to the stock handler, with the
-caller's credentials removed from what is forwarded to the engine replica. Answers name the
-version and adapter digest that produced them (serve.relabel) and, with the request log on, are
-logged (serve.answers.log). `GET /health` is a readiness probe. Every refusal and every exception
-is answered in OpenAI's error shape (serve.answers.errors), never with internal text.
+class. This one keeps the stock constructor (plus one `settings`, serve.settings) and serves only
+the routes it overrides (ENDPOINTS registers no others). A chat or completions request is checked
+in this order: the caller's key, hashed once (serve.access.keys); the body against the route's
+contract (serve.contract.checks); the caller's budgets (serve.access.budgets); the model id,
+resolved to a registry adapter version (serve.adapters). Only then is it delegated to the stock
+handler, with the caller's credentials removed from what is forwarded to the engine replica, and
+its answer goes back through one tap (serve.answers.tap) that makes errors public, names the
+version and adapter digest that answered and, with the request log on, logs it
+(serve.answers.log). `GET /health` is a readiness probe. Every refusal and every exception is
+answered in OpenAI's error shape (serve.answers.errors), never with internal text.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
@@ -24,13 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.access.budgets import FairUse, over_budget
 from serve.access.keys import identify, unauthorized
-from serve.adapters import AdapterRoute, AdapterTable, AdapterWatcher
-from serve.answers.errors import checked_stream, error_for_exception, openai_error
+from serve.adapters import AdapterTable, AdapterWatcher
+from serve.answers.errors import error_for_exception, openai_error
 from serve.answers.log import AnswerLog, with_usage
+from serve.answers.tap import Answerer, tapped
 from serve.contract.checks import parse_body
 from serve.engine_watch import EngineDown, EngineWatch, engine_is_down
 from serve.ray_internal import DEFAULT_ENDPOINTS, ModelCard, ModelList, fastapi_app
-from serve.relabel import relabel
 from serve.settings import ServingSettings
 
 # Only the routes KeyCheckedIngress overrides and checks, plus a readiness probe: the stock
@@ -98,11 +100,10 @@ class KeyCheckedIngress(OpenAiIngress):
         owner = self._model_cards[self._base_id].owned_by
         return ModelCard(id=model, object="model", owned_by=owner, permission=[], metadata=metadata)
 
-    def _resolved(self, body) -> tuple[object, str, AdapterRoute | None] | Response:
-        """(body with the engine's model id, id that answers, its adapter route), or a 404 for
-        an unknown id."""
+    def _resolved(self, body) -> tuple[object, Answerer] | Response:
+        """(body with the engine's model id, who answers it), or a 404 for an unknown id."""
         if body.model is None or body.model in self._model_cards:
-            return body, self._base_id, None
+            return body, Answerer(body.model or self._base_id, self._base_id)
         table = self._table()
         route = table.resolve(body.model)
         if route is None:
@@ -115,8 +116,10 @@ class KeyCheckedIngress(OpenAiIngress):
             )
         # Resolved here, once: the whole request runs on this version even if `production`
         # moves while it streams.
-        body = body.model_copy(update={"model": route.engine_id(self._base_id)})
-        return body, route.versioned_id, route
+        engine_id = route.engine_id(self._base_id)
+        return body.model_copy(update={"model": engine_id}), Answerer(
+            engine_id, route.versioned_id, route
+        )
 
     async def _generate(self, handler, request: Request, model, kind: str) -> Response:
         try:
@@ -124,20 +127,17 @@ class KeyCheckedIngress(OpenAiIngress):
             if not caller.authorized:
                 return unauthorized()
             checked = await parse_body(request, model, kind, self._settings.contract)
-            if self._fair_use and (
-                refusal := self._fair_use.admit(caller.budget_id, checked.tokens)
-            ):
-                return over_budget(refusal, checked.tokens)
+            tokens = checked.tokens
+            if self._fair_use and (refusal := self._fair_use.admit(caller.budget_id, tokens)):
+                return over_budget(refusal, tokens)
             resolved = self._resolved(checked.body)
             if isinstance(resolved, Response):
                 return resolved
-            body, answering_id, route = resolved
-            answer = (
-                self._answers.begin(request, checked.body, kind, caller.key_hash)
-                if self._answers
-                else None
+            body, answerer = resolved
+            entry = self._answers and self._answers.begin(
+                request, checked.body, kind, caller.key_hash
             )
-            if answer and body.stream:
+            if entry and body.stream:
                 body = with_usage(body)
             if self._engine is None:
                 response = await handler(body, engine_request(request))
@@ -147,11 +147,7 @@ class KeyCheckedIngress(OpenAiIngress):
                 response = await self._engine.unless_down(handler(body, engine_request(request)))
         except Exception as exc:  # noqa: BLE001 - every failure is answered in one shape
             return error_for_exception(exc)
-        if isinstance(response, StreamingResponse):
-            response = await checked_stream(response, self._engine and self._engine.unless_down)
-        digest = route.adapter_sha256 if route else ""
-        response = relabel(response, body.model or self._base_id, answering_id, digest)
-        return answer.logged(response, answering_id, route) if answer else response
+        return await tapped(response, answerer, entry, self._engine and self._engine.unless_down)
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(super().chat, request, ChatCompletionRequest, "chat")

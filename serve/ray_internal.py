@@ -43,7 +43,7 @@ def _private(module: str, name: str, used_for: str) -> Any:
 DiskMultiplexConfig = _private(
     "serve.core.configs.llm_config",
     "DiskMultiplexConfig",
-    "as the record serve.adapter_loader hands Ray's LoRA multiplexer",
+    "as the record serve.engine.RegistryAdapterLoader hands Ray's LoRA multiplexer",
 )
 global_id_manager = _private(
     "common.models",
@@ -58,13 +58,13 @@ to_model_metadata = _private(
 DEFAULT_ENDPOINTS = _private(
     "serve.core.ingress.ingress",
     "DEFAULT_ENDPOINTS",
-    "as the stock OpenAI route table that serve.app extends with /health",
+    "as the stock OpenAI route table that serve.ingress extends with /health",
 )
 fastapi_app = _private(
     "serve.core.ingress.ingress",
     "init",
     "to build the ingress's FastAPI app with Ray's own middleware (request ids, metrics), "
-    "which serve.app then strips of its API docs",
+    "which serve.ingress then strips of its API docs",
 )
 ModelCard = _private(
     "serve.core.configs.openai_api_models",

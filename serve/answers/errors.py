@@ -1,9 +1,10 @@
 """The one error shape of the endpoint: OpenAI's `{"error": {message, type, param, code}}`.
 
 Every refusal the ingress makes is built by `openai_error`, and every exception on the way to or
-from the engine is turned into one by `error_for_exception`, the one place that maps them: what
-callers read never holds internal text (pids, addresses, actor ids, class or module names, file
-paths). The full exception is logged on the ingress replica, with an id the caller also gets.
+from the engine is turned into one by `error_for_exception`, the one place that maps them; the
+stream tap (serve.answers.tap) hands the engine's error events here. What callers read never
+holds internal text (pids, addresses, actor ids, class or module names, file paths). The full
+exception is logged on the ingress replica, with an id the caller also gets.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import HTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
@@ -124,72 +124,39 @@ def error_for_exception(exc: BaseException) -> JSONResponse:
 
 
 def _error_event(error: dict) -> str:
-    return f"data: {json.dumps({'error': error})}\n\n"
+    """An error event, and the end of the stream after it."""
+    return f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
 
 
-def _engine_error(text: str) -> tuple[int, str]:
-    """(status, public message) of an engine error event (`data: {"error": ...}`)."""
-    try:
-        error = json.loads(text.removeprefix("data: ").split("\n\n", 1)[0])["error"]
-        message, status = error.get("message"), error.get("code")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        message, status = None, 500
+def engine_error(event: dict) -> tuple[int, str]:
+    """(status, public message) of an engine error event (`{"error": ...}`, parsed)."""
+    error = event["error"] if isinstance(event.get("error"), dict) else {}
+    message, status = error.get("message"), error.get("code")
     if not isinstance(status, int) or not 400 <= status < 500:
         return 500, "The server failed to finish the answer."
     return status, public_text(message, GENERIC.get(status, GENERIC[400]))
 
 
-def _public_event(chunk: str | bytes) -> str | bytes:
-    """A stream chunk, with an engine error event's text made public (other chunks unchanged)."""
-    text = chunk.decode(errors="replace") if isinstance(chunk, bytes) else chunk
-    at = text.find('data: {"error"')  # batched chunks hold several events: it may come last
-    if at < 0:
-        return chunk
-    status, message = _engine_error(text[at:])
+def engine_refusal(event: dict, text: str) -> JSONResponse:
+    """An engine error as a stream's first event (vLLM streams its own validation errors, e.g. a
+    token id out of the vocabulary, after a 200) as a plain OpenAI error with its status."""
+    status, message = engine_error(event)
+    if status >= 500:
+        return _server_error(RuntimeError(f"engine error event: {text[:2000]}"))
+    return openai_error(status, message)
+
+
+def public_error_event(event: dict) -> str:
+    """An engine error event met mid-stream, without internal text; the stream ends with it."""
+    status, message = engine_error(event)
     kind = "invalid_request_error" if status < 500 else "server_error"
-    event = {"message": message, "type": kind, "param": None, "code": status}
-    return text[:at] + _error_event(event) + "data: [DONE]\n\n"
+    return _error_event({"message": message, "type": kind, "param": None, "code": status})
 
 
-async def checked_stream(response: StreamingResponse, until=None) -> Response:
-    """A streamed answer, or, when the engine refused the request in its first event (vLLM
-    streams its own validation errors, e.g. a token id out of the vocabulary, after a 200), that
-    refusal as a plain OpenAI error with its 4xx status. Later events pass through guard_stream.
-    `until` (EngineWatch.unless_down) bounds the wait for the first event."""
-    chunks = response.body_iterator
-    try:
-        first = await (until(anext(chunks)) if until else anext(chunks))
-    except StopAsyncIteration:
-        return response
-    except Exception as exc:  # noqa: BLE001 - nothing is sent yet: answer with a status
-        return error_for_exception(exc)
-    text = first.decode(errors="replace") if isinstance(first, bytes) else first
-    if text.startswith('data: {"error"'):
-        if hasattr(chunks, "aclose"):
-            await chunks.aclose()
-        status, message = _engine_error(text)
-        if status >= 500:
-            return _server_error(RuntimeError(f"engine error event: {text[:2000]}"))
-        return openai_error(status, message)
-
-    async def rejoined():
-        yield first
-        async for chunk in chunks:
-            yield chunk
-
-    response.body_iterator = guard_stream(rejoined())
-    return response
-
-
-async def guard_stream(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[str | bytes]:
-    """A streamed answer whose error events hold no internal text, and that ends with an error
-    event (not a cut connection) when the engine fails mid-stream."""
-    try:
-        async for chunk in chunks:
-            yield _public_event(chunk)
-    except Exception as exc:  # noqa: BLE001 - the status line is sent; only an event can say it
-        incident = uuid.uuid4().hex[:12]
-        log.error("stream failed (incident %s)", incident, exc_info=exc)
-        message = f"The server failed to finish the answer (incident {incident})."
-        error = {"message": message, "type": "server_error", "param": None, "code": 500}
-        yield _error_event(error) + "data: [DONE]\n\n"
+def failure_event(exc: BaseException) -> str:
+    """How a stream the engine failed mid-way ends: an error event, since the status line is
+    already sent (not a cut connection)."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("stream failed (incident %s)", incident, exc_info=exc)
+    message = f"The server failed to finish the answer (incident {incident})."
+    return _error_event({"message": message, "type": "server_error", "param": None, "code": 500})

@@ -3,20 +3,19 @@
 The ingress knows which version and adapter digest answered (it resolved the model id) and whose
 key asked; the token counts are in the answer's `usage`. A stream carries `usage` only when the
 caller asked for it (`stream_options.include_usage`), so with the log on the ingress always asks
-the engine for it and drops that last chunk again for callers who did not ask: they see the
-stream they would have seen without the log.
+the engine for it (`with_usage`) and the stream tap (serve.answers.tap) drops that last chunk
+again for callers who did not ask: they see the stream they would have seen without the log.
+The tap hands each answer's id, usage and completeness to `Pending.write`; refusals and errors
+are not answers and are not logged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
 
 from cluster.records.prompt_features import prompt_features, prompt_text
 from cluster.records.request_log import (
@@ -29,7 +28,6 @@ from cluster.records.request_log import (
 from serve.adapters import AdapterRoute
 
 log = logging.getLogger(__name__)
-DONE_EVENT = "data: [DONE]"
 LOG_FAILURES_EVERY = 1000  # after the first failed write, say so once per this many
 
 
@@ -150,56 +148,3 @@ class Pending:
                 features=self.features,
             )
         )
-
-    def logged(self, response: Response, answered_by: str, route: AdapterRoute | None) -> Response:
-        """`response`, logged once its body is through; refusals and errors are not answers."""
-        if response.status_code != 200:
-            return response
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = self._watched(response.body_iterator, answered_by, route)
-            return response
-        answer = json.loads(response.body) if isinstance(response, JSONResponse) else {}
-        self.write(answered_by, route, answer, complete=True)
-        return response
-
-    async def _watched(self, chunks: AsyncIterator[str | bytes], answered_by, route):
-        """The stream, passed on event by event, noting its id and usage as they go by."""
-        seen: dict = {}
-        complete = False
-        try:
-            async for chunk in chunks:
-                text = chunk.decode() if isinstance(chunk, bytes) else chunk
-                kept = []
-                for event in text.split("\n\n"):
-                    if not event.strip():
-                        continue
-                    if event.strip() == DONE_EVENT:
-                        complete = "error" not in seen
-                    elif self._note(event, seen) and not self.usage_asked:
-                        continue  # the usage chunk this caller did not ask for
-                    kept.append(event + "\n\n")
-                if kept:
-                    out = "".join(kept)
-                    yield out.encode() if isinstance(chunk, bytes) else out
-        finally:  # also when the caller went away mid-stream
-            self.write(answered_by, route, seen, complete)
-
-    @staticmethod
-    def _note(event: str, seen: dict) -> bool:
-        """Record the event's id, usage and any error in `seen`; True for the usage-only last
-        chunk."""
-        if not event.startswith("data: "):
-            return False
-        try:
-            data = json.loads(event.removeprefix("data: "))
-        except ValueError:
-            return False
-        if not isinstance(data, dict):
-            return False
-        seen.setdefault("id", data.get("id"))
-        if "error" in data:
-            seen["error"] = True
-        if data.get("usage"):
-            seen["usage"] = data["usage"]
-            return not data.get("choices")
-        return False

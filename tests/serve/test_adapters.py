@@ -28,8 +28,8 @@ from serve.adapters import (
     parse_engine_id,
     read_table,
 )
+from serve.answers.tap import MODEL_HEADER, Answerer, tapped
 from serve.engine import RegistryAdapterLoader
-from serve.relabel import MODEL_HEADER, relabel
 from tests.serve.conftest import register
 
 BASE = "fedforge-tiny"
@@ -187,21 +187,22 @@ def test_ray_builds_the_loader_with_its_retry_settings(empty_state):
 
 def test_answers_name_the_version_that_answered():
     engine_id, public = "fedforge-tiny:router:3", "router:3"
-    answer = relabel(JSONResponse({"model": engine_id, "choices": []}), engine_id, public)
+    answerer = Answerer(engine_id, public)
+    answer = asyncio.run(tapped(JSONResponse({"model": engine_id, "choices": []}), answerer))
     assert json.loads(answer.body)["model"] == public and answer.headers[MODEL_HEADER] == public
 
     async def chunks():
         yield f'data: {{"id":"x","model":"{engine_id}","choices":[]}}\n\n'
         yield "data: [DONE]\n\n"
 
-    async def collect(response):
+    async def streamed():
+        response = await tapped(StreamingResponse(chunks()), answerer)
         return [chunk async for chunk in response.body_iterator]
 
-    streamed = relabel(StreamingResponse(chunks()), engine_id, public)
-    first, done = asyncio.run(collect(streamed))
+    first, done = asyncio.run(streamed())
     assert f'"model":"{public}"' in first and done == "data: [DONE]\n\n"
     error = JSONResponse({"error": {"message": "full"}}, status_code=503)
-    assert relabel(error, engine_id, public) is error
+    assert asyncio.run(tapped(error, answerer)) is error
 
 
 def test_base_model_id_may_not_contain_the_version_separator():

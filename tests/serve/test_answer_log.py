@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.core.credentials import hash_api_key
 from cluster.records.request_log import read_entries
+from serve.answers import tap
 from serve.answers.log import AnswerLogSettings
+from serve.answers.tap import parsed
 from tests.serve.fake_engine import BASE, KEY, auth, ingress_client
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
@@ -129,3 +131,14 @@ def test_refusals_are_not_answers_and_are_not_logged(tmp_path):
     assert ask(log, CHAT, headers={"Authorization": "Bearer wrong"})[0].status_code == 401
     assert ask(log, {**CHAT, "max_tokens": -1})[0].status_code == 400
     assert read_entries(tmp_path).entries == []
+
+
+def test_each_stream_event_is_read_once_for_errors_relabelling_and_the_log(tmp_path, monkeypatch):
+    read = []
+    monkeypatch.setattr(tap, "parsed", lambda event: read.append(event) or parsed(event))
+    response, _ = ask(settings(tmp_path), {**CHAT, "stream": True}, streamed)
+    events = [event for event in read if event.strip()]
+    assert len(events) == 4 and len(set(events)) == 4  # two deltas, usage, [DONE]: once each
+    assert response.text.count('"delta"') == 2
+    (entry,) = read_entries(tmp_path).entries
+    assert entry.complete and entry.completion_tokens == 3

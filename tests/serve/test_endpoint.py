@@ -25,7 +25,7 @@ from cluster.core.serve_config import RequestLogSettings, ServeConfig
 from cluster.records.audit_log import holder_at
 from cluster.records.registry import PRODUCTION, Registry
 from cluster.records.request_log import read_entries
-from serve.relabel import DIGEST_HEADER, MODEL_HEADER
+from serve.answers.tap import DIGEST_HEADER, MODEL_HEADER
 from tests.serve.conftest import register, serving
 from tests.serve.fake_engine import NOT_SERVED, assert_openai_error, served_routes
 from tests.serve.hostile import bodies
