@@ -12,7 +12,7 @@ that one reading:
   the engine loaded: the registry checks it on every download);
 - the answer log (serve.answers.log): the answer's id, usage and whether it completed; the usage
   chunk asked of the engine only for the log is dropped again.
-Refusals and errors (any status but 200) pass unchanged.
+A response of any status but 200 is no answer: it passes unchanged but for its error events.
 """
 
 from __future__ import annotations

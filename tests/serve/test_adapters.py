@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +22,7 @@ from cluster.core.serve_config import ServeConfig
 from cluster.records.lineage import Lineage
 from cluster.records.privacy_record import DataPrivacy
 from cluster.records.registry import Registry
+from serve import adapters
 from serve.adapters import (
     AdapterRoute,
     AdapterSource,
@@ -224,3 +227,24 @@ def test_a_route_carries_what_its_version_spent_of_each_data_source(registry, st
         ("ab12/central", None, False, None),
         ("ab12/clients", 2.99, True, 6.0),
     )
+
+
+def test_replicas_open_a_fresh_sqlite_store_one_at_a_time(tmp_path, monkeypatch):
+    """Opening a fresh SQLite store creates and migrates it: replicas starting together (here
+    threads, each with its own lock file handle) take turns, and its directory is made."""
+    inside, overlaps = [], []
+
+    def slow_open(tracking_uri):
+        overlaps.append(len(inside))
+        inside.append(tracking_uri)
+        time.sleep(0.1)
+        inside.pop()
+
+    monkeypatch.setattr(adapters, "Registry", slow_open)
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    openers = [threading.Thread(target=adapters.open_registry, args=(uri,)) for _ in range(3)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join()
+    assert overlaps == [0, 0, 0] and (tmp_path / "fresh").is_dir()
