@@ -117,9 +117,8 @@ class KeyCheckedIngress(OpenAiIngress):
         # Resolved here, once: the whole request runs on this version even if `production`
         # moves while it streams.
         engine_id = route.engine_id(self._base_id)
-        return body.model_copy(update={"model": engine_id}), Answerer(
-            engine_id, route.versioned_id, route
-        )
+        body = body.model_copy(update={"model": engine_id})
+        return body, Answerer(engine_id, route.versioned_id, route)
 
     async def _generate(self, handler, request: Request, model, kind: str) -> Response:
         try:
@@ -134,9 +133,9 @@ class KeyCheckedIngress(OpenAiIngress):
             if isinstance(resolved, Response):
                 return resolved
             body, answerer = resolved
-            entry = self._answers and self._answers.begin(
-                request, checked.body, kind, caller.key_hash
-            )
+            entry = None
+            if self._answers:
+                entry = self._answers.begin(request, checked.body, kind, caller.key_hash)
             if entry and body.stream:
                 body = with_usage(body)
             if self._engine is None:
