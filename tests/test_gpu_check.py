@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ def test_the_dry_run_validates_the_configs_and_plans_every_stage(tmp_path):
     assert serve["accelerator"] == "gpu"
 
 
+@pytest.mark.integration  # runs the GPU check's training stage as a script, on the CPU
 def test_the_training_step_stage_runs_and_reports_its_table(provisioned):
     # On the CPU here (--device cpu); on the GPU check it is the first stage, with --device cuda.
     result = subprocess.run(

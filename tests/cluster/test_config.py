@@ -106,6 +106,7 @@ def test_config_hash_ignores_formatting(tmp_path):
     assert config_hash(a) == config_hash(b)
 
 
+@pytest.mark.integration  # starts the job module in a fresh Python (about 10 s of imports)
 def test_finetune_job_rejects_bad_config_before_starting_ray(tmp_path):
     path = write(tmp_path, VALID + "  lr: 0.1\n")
     started = time.monotonic()
