@@ -27,6 +27,7 @@ from cluster.commands.drift_stats import DriftResult, compare, plot
 from cluster.commands.options import ConfigOpt, JobAddressOpt, StateOpt, TrackingOpt
 from cluster.commands.registry import open_registry
 from cluster.commands.requests import LogDirOpt, log_dir
+from cluster.commands.retrain_guard import mark_started, only_retrain, within_cooldown
 from cluster.core.config import load_config
 from cluster.core.errors import UserError
 from cluster.core.job_runner import run_module
@@ -302,6 +303,17 @@ def retrain(
         return
     state = StateDir.resolve(state_dir)
     args = ["--config", str(config), "--state-dir", str(state.root)]
-    typer.echo(f"retraining: python -m {module} {' '.join(args)}")
-    if not dry_run:
-        run_module(module, *args, address=address)
+    with only_retrain(state, model) as mine:
+        if not mine:
+            typer.echo(f"not retraining: another retrain of '{model}' is running")
+            return
+        if started := within_cooldown(state, model, wait):
+            typer.echo(
+                f"not retraining: the last retrain of '{model}' started {started:%Y-%m-%d %H:%M}"
+                f" UTC (cooldown {cooldown}, failed or not)"
+            )
+            return
+        typer.echo(f"retraining: python -m {module} {' '.join(args)}")
+        if not dry_run:
+            mark_started(state, model)  # before the job: a failure counts against the cooldown
+            run_module(module, *args, address=address)

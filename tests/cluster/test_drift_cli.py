@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from cluster.commands.cli import app
 from cluster.core.config import DataSettings
+from cluster.core.jobs import FINETUNE
 from cluster.records.lineage import TRAINING_PROFILE_FILE, Lineage
 from cluster.records.prompt_features import prompt_features, prompt_text, training_profile
 from cluster.records.registry import Registry
@@ -237,3 +238,34 @@ def test_retrain_runs_the_job_and_only_the_gate_promotes_its_candidate(state, se
     promoted = "promoted v2" in gate.output
     assert registry.aliases(MODEL)["production"] == ("2" if promoted else "1")
     assert registry.history(MODEL)[-1].reason.startswith("gate: ") or not promoted
+
+
+def test_retrain_starts_at_most_one_job_at_once_and_none_again_after_a_failure(
+    empty_state, served, monkeypatch
+):
+    """Two starts at the same moment: one job. A job that failed: no second one within the
+    cooldown (the marker is written before the job, so a failure counts)."""
+    import cluster.commands.drift
+    from cluster.commands.retrain_guard import only_retrain
+    from cluster.core.errors import UserError
+
+    _, config, held_out = served
+    started: list[str] = []
+
+    def failing_job(module, *args, address=None):
+        started.append(module)
+        raise UserError("the job failed")
+
+    monkeypatch.setattr(cluster.commands.drift, "run_module", failing_job)
+    args = ("drift", "retrain", "--model", MODEL, "--config", "configs/finetune/tiny.yaml")
+    args += ("--serve-config", str(config))
+    log_answers(empty_state, shifted_prompts(2 * len(held_out)))
+    with only_retrain(empty_state, MODEL):  # another start is running its job right now
+        concurrent = invoke(empty_state, *args)
+    assert f"not retraining: another retrain of '{MODEL}' is running" in concurrent.output
+    assert started == []
+    failed = invoke(empty_state, *args)
+    assert failed.exit_code == 2 and started == [FINETUNE.module]
+    again = invoke(empty_state, *args)
+    assert f"not retraining: the last retrain of '{MODEL}' started" in again.output
+    assert started == [FINETUNE.module]  # still one job
