@@ -153,3 +153,14 @@ def test_a_worker_module_is_named_in_exactly_one_place():
             if isinstance(node, ast.Constant) and node.value in workers:
                 named[node.value].append(str(path.relative_to(REPO)))
     assert named == {module: ["cluster/core/jobs.py"] for module in workers}
+
+
+def test_no_test_imports_a_conftest():
+    """conftest.py files hold fixtures, which pytest hands out; helpers tests import live in
+    helper modules (tests/federated/tiny_config.py, tests/serve/harness.py)."""
+    importers = sorted(
+        str(path.relative_to(REPO))
+        for path in (REPO / "tests").rglob("*.py")
+        if any(name.split(".")[-1] == "conftest" for name in _imported_names(path))
+    )
+    assert importers == []

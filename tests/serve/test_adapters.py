@@ -33,7 +33,7 @@ from serve.adapters import (
 )
 from serve.answers.tap import MODEL_HEADER, Answerer, tapped
 from serve.engine import RegistryAdapterLoader
-from tests.serve.conftest import register
+from tests.serve.harness import register
 
 BASE = "fedforge-tiny"
 

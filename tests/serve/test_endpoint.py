@@ -26,8 +26,8 @@ from cluster.records.audit_log import holder_at
 from cluster.records.registry import PRODUCTION, Registry
 from cluster.records.request_log import read_entries
 from serve.answers.tap import DIGEST_HEADER, MODEL_HEADER
-from tests.serve.conftest import register, serving
 from tests.serve.fake_engine import NOT_SERVED, assert_openai_error, served_routes
+from tests.serve.harness import register, serving
 from tests.serve.hostile import bodies
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -23,8 +23,8 @@ import pytest
 from cluster.core.config import load_config
 from cluster.core.serve_config import ServeConfig
 from scripts.serve_harness import replica_processes
-from tests.serve.conftest import serving
 from tests.serve.fake_engine import assert_openai_error
+from tests.serve.harness import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 KEY = "sk-fedforge-kills"
