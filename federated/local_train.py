@@ -21,10 +21,18 @@ from peft import PeftModel
 from cluster.core.errors import UserError
 from cluster.core.federated_config import FederatedConfig
 from federated.adapter_state import adapter_to_arrays, arrays_to_adapter
-from federated.ledger import Attempt, Charge, History, client_charges, history_of, sample_rate
 from federated.node_task import ClientState, NodeResult, NodeTask
 from federated.partition import client_examples
-from federated.privacy import dp_train_step, epsilon_of, make_private
+from federated.privacy.accounting import epsilon_of
+from federated.privacy.dp_sgd import dp_train_step, make_private
+from federated.privacy.ledger import (
+    Attempt,
+    Charge,
+    History,
+    client_charges,
+    history_of,
+    sample_rate,
+)
 from federated.protocol import OUTSIDE_CLIENT, TrainMetrics, TrainReply
 from federated.run_config import NodeConfig, RunSpec
 from llm.data import Example, encode_example, load_examples

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from federated.ledger import Charge
+from federated.privacy.ledger import Charge
 from federated.protocol import STEPS, TrainReply, TrainTask
 from federated.run_config import NodeConfig, RunSpec
 

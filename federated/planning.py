@@ -10,10 +10,16 @@ is refused with what was spent. A ledger that lost an event refuses to plan (Led
 from __future__ import annotations
 
 from cluster.core.federated_config import FederatedConfig
-from federated.ledger import History, ServerLedger, history_of, in_cluster_client, sample_rate
 from federated.partition import partition_indices
 from federated.plan import FederatedPlan, NoisePlan
-from federated.privacy import noise_for_target, noise_for_target_after
+from federated.privacy.accounting import noise_for_target, noise_for_target_after
+from federated.privacy.ledger import (
+    History,
+    ServerLedger,
+    history_of,
+    in_cluster_client,
+    sample_rate,
+)
 from llm.data import load_split
 
 

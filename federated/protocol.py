@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from federated.ledger import Attempt
+from federated.privacy.ledger import Attempt
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"  # record names in a message's content
 

@@ -27,12 +27,12 @@ from cluster.core.state import StateDir
 from cluster.records.lineage import COMMUNICATION_METRIC, DATA_USES_FILE
 from cluster.records.privacy_record import DataUse, DataUses, PrivacyRecord
 from cluster.records.registry import Registry
-from federated.ancestry import ancestor_uses, compose, run_use
 from federated.federation import Federation
-from federated.ledger import ServerLedger
 from federated.plan import FederatedPlan
 from federated.planning import make_plan
-from federated.privacy import privacy_record
+from federated.privacy.accounting import privacy_record
+from federated.privacy.ancestry import ancestor_uses, compose, run_use
+from federated.privacy.ledger import ServerLedger
 from federated.protocol import EPSILON, TRAIN_LOSS
 from federated.run_config import RunSpec
 from federated.run_files import RunFiles

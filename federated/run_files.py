@@ -3,7 +3,7 @@
 <state>/federated/<name>/round-000/   initial adapter (adapter_config.json + safetensors)
 <state>/federated/<name>/round-NNN/   global adapter after round NNN (written atomically)
 <state>/federated/<name>/rounds.jsonl one RoundReport per round: clients, epsilon, seconds
-<state>/federated/<name>/privacy-ledger.jsonl  every accounted release (federated.ledger)
+<state>/federated/<name>/privacy-ledger.jsonl  every accounted release (federated.privacy.ledger)
 
 A round's line is appended (and synced) before its adapter directory is renamed into place
 whole; a round counts as saved once both exist. A crash between the two leaves a line without
@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from cluster.core.errors import UserError
 from cluster.core.state import StateDir
 from federated.adapter_state import arrays_to_adapter
-from federated.ledger import ServerLedger
+from federated.privacy.ledger import ServerLedger
 from federated.strategy import RoundReport
 from llm.lora import save_adapter
 

@@ -22,9 +22,9 @@ from cluster.core.federated_config import FederatedConfig
 from cluster.core.state import StateDir
 from cluster.records.registry import Registry
 from federated.adapter_state import adapter_to_arrays, load_adapter_dir
-from federated.ledger import ServerLedger
 from federated.local_train import lora_model
-from federated.privacy import ledger_epsilons
+from federated.privacy.accounting import ledger_epsilons
+from federated.privacy.ledger import ServerLedger
 from federated.run_config import RunSpec
 from federated.run_files import RunFiles
 from federated.strategy import GuardedStrategy, JoinTimeout, RoundReport

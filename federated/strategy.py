@@ -36,14 +36,14 @@ from pydantic import BaseModel, ConfigDict
 from cluster.core.errors import UserError
 from cluster.core.federated_config import FederatedConfig
 from federated.aggregation import Update, central_dp_average, weighted_average
-from federated.ledger import (
+from federated.plan import FederatedPlan
+from federated.privacy.ledger import (
     Attempt,
     ServerLedger,
     in_cluster_client,
     outside_client,
     sample_rate,
 )
-from federated.plan import FederatedPlan
 from federated.protocol import (
     ARRAYS,
     CONFIG,

@@ -116,7 +116,8 @@ def publish_adapter(
     the adapter (alias `candidate`) with its lineage.
 
     `uses` and `data_privacy` are the ancestry's data uses and what they spent per source
-    (federated.ancestry); without them the job used its own share without DP and no ancestor.
+    (federated.privacy.ancestry); without them the job used its own share without DP and no
+    ancestor.
     `privacy_budget` becomes the model's if it has none (Registry.register_adapter)."""
     print("[fedforge] evaluating base model and adapter on held-out examples", flush=True)
     base = evaluate_heldout(cfg, model_path, None)

@@ -36,7 +36,7 @@ from cluster.core.state import StateDir  # noqa: E402
 from federated.local_train import client_model_and_optimizer  # noqa: E402
 from federated.partition import client_examples  # noqa: E402
 from federated.planning import make_plan  # noqa: E402
-from federated.privacy import dp_train_step  # noqa: E402
+from federated.privacy.dp_sgd import dp_train_step  # noqa: E402
 from federated.run_files import RunFiles  # noqa: E402
 from federated.strategy import RoundReport  # noqa: E402
 from llm.data import IGNORE_INDEX, collate, encode_example  # noqa: E402

@@ -75,7 +75,7 @@ class RoundPrivacy(BaseModel):
 class DataPrivacy(BaseModel):
     """What a version's ancestry spent of one data source: the lineage keeps one per source.
 
-    Composed per example (federated.ancestry): the epsilon of a source is the worst over its
+    Composed per example (federated.privacy.ancestry): the epsilon of a source is the worst over its
     examples of everything released about each one in the ancestry, whichever run, file or
     share it came through."""
 
@@ -147,8 +147,8 @@ class DataUse(BaseModel):
     )
     source: str = Field(description="Display name (data_source).")
     rdp: list[float] | None = Field(
-        description="The run's RDP at each order of federated.ancestry.RDP_ORDERS, its worst "
-        "client's (so it holds for any example of the run); None: trained without DP."
+        description="The run's RDP at each order of federated.privacy.ancestry.RDP_ORDERS, its "
+        "worst client's (so it holds for any example of the run); None: trained without DP."
     )
     key_id: str | None = Field(
         None,

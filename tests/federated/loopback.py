@@ -19,11 +19,11 @@ from opacus.accountants import RDPAccountant
 
 from cluster.core.federated_config import FederatedConfig
 from cluster.core.state import StateDir
-from federated.ledger import history_of, sample_rate
 from federated.local_train import client_ledger
 from federated.node_task import ClientState, NodeTask
 from federated.plan import FederatedPlan
-from federated.privacy import epsilon_of
+from federated.privacy.accounting import epsilon_of
+from federated.privacy.ledger import history_of, sample_rate
 from federated.protocol import OUTSIDE_CLIENT, TrainMetrics, TrainReply, TrainTask
 from federated.run_config import NodeConfig, RunSpec
 

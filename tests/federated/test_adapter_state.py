@@ -3,7 +3,7 @@ import torch
 
 from federated.adapter_state import adapter_to_arrays, arrays_to_adapter, strip_opacus_prefix
 from federated.local_train import lora_model
-from federated.privacy import make_private
+from federated.privacy.dp_sgd import make_private
 
 
 def test_adapter_round_trips_through_arrayrecord_unchanged(state, tiny_config):

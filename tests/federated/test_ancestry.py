@@ -19,7 +19,7 @@ from cluster.records.privacy_record import (
     PrivacyRecord,
     budget_overrun,
 )
-from federated.ancestry import ancestor_uses, compose, run_use
+from federated.privacy.ancestry import ancestor_uses, compose, run_use
 from llm.data import example_content, load_split
 from llm.publish import example_ids, profile_examples
 from tests.federated.tiny_config import tiny

@@ -34,7 +34,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDi
 from flwr.common.config import parse_config_args
 
 from federated.client_app import build_client_app
-from federated.ledger import Attempt
+from federated.privacy.ledger import Attempt
 from federated.node_task import ClientState
 from federated.protocol import TrainReply, TrainTask
 

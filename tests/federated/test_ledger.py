@@ -14,7 +14,11 @@ import random
 import pytest
 from flwr.app import Array, ArrayRecord, Message
 
-from federated.ledger import (
+from federated.local_train import TaskRefused, train_for_node
+from federated.node_task import ClientState, NodeTask
+from federated.planning import make_plan
+from federated.privacy.accounting import PrivacyPlanError, epsilon_of, privacy_record
+from federated.privacy.ledger import (
     LedgerError,
     ServerLedger,
     history_of,
@@ -22,10 +26,6 @@ from federated.ledger import (
     outside_client,
     sample_rate,
 )
-from federated.local_train import TaskRefused, train_for_node
-from federated.node_task import ClientState, NodeTask
-from federated.planning import make_plan
-from federated.privacy import PrivacyPlanError, epsilon_of, privacy_record
 from federated.protocol import OUTSIDE_CLIENT, TrainTask
 from federated.run_config import NodeConfig, RunSpec
 from federated.run_files import RunFiles
@@ -317,8 +317,8 @@ def test_the_ledger_never_under_reports_under_random_crashes_restarts_and_reject
 
 @pytest.mark.parametrize("noise", [None, 0.5])
 def test_a_client_refuses_a_task_with_less_noise_than_planned(tmp_path, empty_state, noise):
-    from federated.ledger import Attempt
     from federated.local_train import client_ledger
+    from federated.privacy.ledger import Attempt
 
     cfg = tiny(tmp_path)  # planned noise 1.0
     run = RunSpec(cfg, make_plan(cfg), empty_state)

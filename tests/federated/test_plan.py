@@ -11,7 +11,8 @@ from cluster.core.federated_config import FederatedConfig
 from federated.partition import PartitionError, client_examples
 from federated.plan import FederatedPlan
 from federated.planning import make_plan
-from federated.privacy import PrivacyPlanError, recompute_epsilon, sample_rate
+from federated.privacy.accounting import PrivacyPlanError, recompute_epsilon
+from federated.privacy.ledger import sample_rate
 from federated.protocol import PARTITION_ID
 from federated.run_config import NodeConfig, RunSpec
 from tests.federated.tiny_config import REPO, tiny

@@ -6,13 +6,9 @@ from federated.local_train import lora_model, train_round
 from federated.node_task import ClientState
 from federated.partition import client_examples
 from federated.planning import make_plan
-from federated.privacy import (
-    dp_train_step,
-    epsilon_of,
-    make_private,
-    recompute_epsilon,
-    sample_rate,
-)
+from federated.privacy.accounting import epsilon_of, recompute_epsilon
+from federated.privacy.dp_sgd import dp_train_step, make_private
+from federated.privacy.ledger import sample_rate
 from llm.data import collate, encode_example
 from llm.losses import per_example_loss
 from llm.model import load_tokenizer

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from federated.ledger import Attempt, Charge
 from federated.node_task import LEDGER_RECORD, ClientState
+from federated.privacy.ledger import Attempt, Charge
 from federated.protocol import (
     ARRAYS,
     CONFIG,

@@ -3,8 +3,8 @@ import pytest
 from flwr.simulation import run_simulation
 
 from federated.client_app import build_client_app
-from federated.ledger import sample_rate
 from federated.planning import make_plan
+from federated.privacy.ledger import sample_rate
 from federated.run_config import RunSpec
 from federated.run_files import RunFiles
 from llm.lora import load_adapter

@@ -26,9 +26,9 @@ from flwr.app import (
 
 from cluster.core.config import ConfigError
 from federated.client_app import build_client_app
-from federated.ledger import ServerLedger, outside_client
 from federated.planning import make_plan
-from federated.privacy import ledger_epsilons
+from federated.privacy.accounting import ledger_epsilons
+from federated.privacy.ledger import ServerLedger, outside_client
 from federated.protocol import METRICS, OUTSIDE_CLIENT, TrainMetrics, TrainReply, payload_bytes
 from federated.strategy import GuardedStrategy, JoinTimeout, RoundReport
 from tests.federated.loopback import LoopbackGrid, opacus_epsilon

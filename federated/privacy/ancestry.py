@@ -28,7 +28,7 @@ from cluster.records.privacy_record import (
     DataUses,
     PrivacyRecord,
 )
-from federated.ledger import OUTSIDE_PREFIX
+from federated.privacy.ledger import OUTSIDE_PREFIX
 
 RDP_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
 _ANY_OTHER = "<an example no known use names>"  # held only by uses of unknown membership

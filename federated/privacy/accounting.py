@@ -1,38 +1,26 @@
-"""Example-level DP-SGD with Opacus on the LoRA tensors, and its privacy accounting.
+"""Privacy accounting: the noise a target needs, epsilon of a history (Opacus' accountants),
+and the run's privacy record from its ledger.
 
-Every release is charged in the privacy ledger (federated.ledger): each client keeps its own
-(what it reports), the server keeps the run's (what is registered); epsilon is composed with
-Opacus' accountant over every attempt of every round, re-runs and rejected replies included.
+Every release is charged in the privacy ledger (federated.privacy.ledger): each client keeps
+its own (what it reports), the server keeps the run's (what is registered); epsilon is composed
+with Opacus' accountant over every attempt of every round, re-runs and rejected replies included.
 """
 
 from __future__ import annotations
 
 import functools
-from functools import partial
 
 import numpy as np
-import torch
-from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
-from torch.utils.data import DataLoader
 
 from cluster.core.errors import UserError
 from cluster.core.federated_config import FederatedConfig
 from cluster.records.privacy_record import ClientCharge, PrivacyRecord, RoundPrivacy
-from federated.ledger import (  # noqa: F401 - sample_rate re-exported
-    Charge,
-    History,
-    ServerLedger,
-    history_of,
-    in_cluster_client,
-    sample_rate,
-)
 from federated.plan import FederatedPlan
+from federated.privacy.ledger import Charge, History, ServerLedger, history_of, in_cluster_client
 from federated.strategy import RoundReport
-from llm.data import collate
-from llm.losses import per_example_loss
 
 # Beyond this the noise drowns the clipped gradient (its norm is at most max_grad_norm per
 # example, the noise's is sigma * max_grad_norm per coordinate): training cannot learn.
@@ -149,69 +137,6 @@ def recompute_epsilon(
 ) -> float:
     """Epsilon from the logged numbers alone, independent of any training process."""
     return epsilon_of([(noise_multiplier, rate, steps)], delta, accountant)
-
-
-def make_private(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    encoded: list[dict[str, list[int]]],
-    *,
-    batch_size: int,
-    pad_id: int,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    accountant: str,
-    history: History,
-):
-    """Opacus-wrap a LoRA model (already on its device) and its optimizer; resume accounting.
-
-    Returns (model, optimizer, Poisson-sampled loader, engine). Only parameters that require
-    grad (the LoRA tensors) get per-sample gradients.
-    """
-    engine = PrivacyEngine(accountant=accountant)
-    engine.accountant.history = list(history)
-    loader = DataLoader(
-        encoded, batch_size=batch_size, collate_fn=partial(collate, pad_token_id=pad_id)
-    )
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        poisson_sampling=True,  # the sampling the accountant's analysis assumes
-    )
-    # Opacus builds its own empty batch from the first example's types, which fails for our
-    # dict examples; a zero-row batch of the right keys still makes a (noise-only) step.
-    loader.collate_fn = partial(collate_or_empty, pad_token_id=pad_id)
-    return model, optimizer, loader, engine
-
-
-def collate_or_empty(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    if not examples:
-        empty = torch.zeros((0, 1), dtype=torch.long)
-        return {"input_ids": empty, "attention_mask": empty, "labels": empty}
-    return collate(examples, pad_token_id)
-
-
-def dp_train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -> float | None:
-    """One DP-SGD step; returns the batch's loss, or None when Poisson sampling drew nobody."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if batch["input_ids"].shape[0] == 0:
-        # Still a noisy step: skipping it would leak that the batch was empty. A transformer
-        # cannot run on zero rows, so hand Opacus the empty per-sample gradients directly.
-        for param in optimizer.params:
-            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = per_example_loss(logits, batch["labels"]).mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 def ledger_charges(
