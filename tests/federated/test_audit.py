@@ -28,12 +28,12 @@ from federated.audit import (
     VIEWS,
     AuditError,
     AuditSettings,
-    _batches,
-    _descent,
+    canary_batches,
     canary_clients,
     ceiling,
     code_words,
     coin_flips,
+    descent,
     epsilon_lower_bound,
     guess,
     main,
@@ -50,7 +50,7 @@ from federated.local_train import lora_model
 from llm.data import load_split
 from llm.losses import per_example_loss
 from llm.model import load_tokenizer
-from tests.federated.conftest import tiny, write_config
+from tests.federated.tiny_config import tiny, write_config
 
 WORDS = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]
 
@@ -165,8 +165,8 @@ def test_the_rounds_view_is_the_gradient_inner_product_per_canary(tiny_config, s
     generator = torch.Generator().manual_seed(0)
     start = {n: 0.1 * torch.randn(p.shape, generator=generator) for n, p in lora.items()}
     end = {n: t + 0.05 * torch.randn(t.shape, generator=generator) for n, t in start.items()}
-    batches = _batches(tiny_config, tokenizer, canaries)
-    along = _descent(model, batches, start, end)  # leaves the model at `start`
+    batches = canary_batches(tiny_config, tokenizer, canaries)
+    along = descent(model, batches, start, end)  # leaves the model at `start`
     exact = []
     for batch in batches:
         for i in range(len(batch["input_ids"])):
@@ -236,6 +236,7 @@ def test_with_dp_the_bound_stays_under_epsilon_and_a_planted_profile_is_flagged(
     assert not list(state.reports.glob("audit-tiny-federated-audit-*.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_the_cli_writes_the_report_and_warns_when_the_ceiling_is_below_epsilon(
     tmp_path, state, capsys
