@@ -13,8 +13,18 @@ from cluster.core.state import StateDir
 from serve.app import build_app
 
 
+@pytest.fixture
+def no_ray_left():
+    """Ray Serve LLM's builder connects this process to Ray (a local one it starts): later tests
+    start their own and must find none."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
 def test_the_builder_hands_one_frozen_settings_object_and_writes_nothing(
-    provisioned, tmp_path, monkeypatch
+    provisioned, tmp_path, monkeypatch, no_ray_left
 ):
     # The demo config serves registry adapters and logs answers: both once made the builder
     # open (and create) the registry store.
