@@ -57,10 +57,11 @@ class AnchorFile:
     def latest(self, model: str) -> tuple[int, str] | None:
         if not self.path.is_file():
             return None
-        found = None
+        found = None  # the highest: writers on several hosts may anchor out of order
         for line in self.path.read_text().splitlines():
             parts = line.split(" ")
-            if len(parts) == 3 and parts[0] == model and parts[1].isdigit():
+            mine = len(parts) == 3 and parts[0] == model and parts[1].isdigit()
+            if mine and (found is None or int(parts[1]) >= found[0]):
                 found = (int(parts[1]), parts[2])
         return found
 

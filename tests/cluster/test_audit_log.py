@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from cluster.commands.cli import app
 from cluster.core.config import RegistrySettings
+from cluster.core.state import StateDir
 from cluster.records.audit_log import AuditEntry, AuditLog, check_chain, sha256
 from cluster.records.lineage import Lineage
 from cluster.records.registry import PRODUCTION, Registry, RegistryError
@@ -398,9 +399,13 @@ def mlflow_server(tmp_path, migrated_mlflow_db):
 def test_the_log_works_on_an_mlflow_server_with_writers_in_separate_processes(
     mlflow_server, stub_adapter, tmp_path
 ):
-    registry = Registry(mlflow_server)  # no artifact root, no lock: a server's clients
+    """A server's clients: no artifact root, no lock; every writer signs with the deployment's
+    key and anchors in its anchor (a shared state dir, as on a cluster)."""
+    state = StateDir.resolve(tmp_path / "shared-state")
+    settings = RegistrySettings(tracking_uri=mlflow_server)
+    registry = Registry.from_settings(settings, state)
     register(registry, stub_adapter, n=2)
-    uri = ["--tracking-uri", mlflow_server]
+    uri = ["--tracking-uri", mlflow_server, "--state-dir", str(state.root)]
     for args in (
         ["promote", "m", "1", "--reason", "go"],
         ["promote", "m", "2"],
@@ -419,8 +424,11 @@ def test_the_log_works_on_an_mlflow_server_with_writers_in_separate_processes(
     script = textwrap.dedent(
         f"""
         import sys
+        from cluster.core.config import RegistrySettings
+        from cluster.core.state import StateDir
         from cluster.records.registry import Registry
-        log = Registry({mlflow_server!r})._audit("m")
+        settings = RegistrySettings(tracking_uri={mlflow_server!r})
+        log = Registry.from_settings(settings, StateDir.resolve({str(state.root)!r}))._audit("m")
         for j in range(4):
             log.append("promote", "1", reason=f"writer {{sys.argv[1]}}.{{j}}")
         """

@@ -8,6 +8,7 @@ multiplier is exactly the one its accountant charges.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -258,6 +259,7 @@ def _round(guard: GuardedStrategy, connected: list[int], replies: list[Message])
 def test_a_partition_answers_only_from_the_node_bound_to_it_while_that_node_is_connected(
     tmp_path, caplog
 ):
+    caplog.set_level(logging.INFO, logger="flwr")  # another test may have quietened Flower's
     cfg = tiny(tmp_path)
     plan = make_plan(cfg)
     saved: list = []
