@@ -273,7 +273,8 @@ CANARY_SETTING = {
 @pytest.mark.slow
 @pytest.mark.integration
 def test_without_dp_the_audit_sees_the_leak_that_dp_hides(tmp_path, state):
-    settings = AuditSettings(canary_lr=0.05, seed=SEED)
+    # 300 canaries and 75 guesses (not the defaults): two trainings of the suite's minutes.
+    settings = AuditSettings(canaries=300, guesses=75, canary_lr=0.05, seed=SEED)
     dp = {"mode": "local_dp", "noise_multiplier": 1.5}
     with_dp = run_audit(tiny(tmp_path, **CANARY_SETTING, privacy=dp), state, settings)
     no_dp = {"mode": "none", "noise_multiplier": None}
