@@ -107,7 +107,7 @@ def audit(ctx: typer.Context, config: ConfigOpt, state_dir: StateOpt = None) -> 
     Jagielski, 2023) giving a lower bound on epsilon to compare with the reported one.
 
     Other options go to `python -m federated.audit` (--canaries, --guesses, --confidence,
-    --client, --canary-lr, --other-steps, --seed); see docs/PRIVACY.md.
+    --canary-lr, --two-sided, --plant-profile, --seed); see docs/PRIVACY.md.
     """
     state = StateDir.resolve(state_dir)
     args = ["--config", str(config), "--state-dir", str(state.root), *ctx.args]
